@@ -1,0 +1,44 @@
+"""alphaedit_fast: exact, fast AlphaEdit (null-space constrained knowledge editing)."""
+
+from .arch import ModelSpec, detect
+from .editor import apply_AlphaEdit_to_model
+from .errors import (
+    AlphaEditError,
+    HyperParamsError,
+    InvalidRequestError,
+    ModelStructureError,
+    NonFiniteError,
+    ShapeError,
+)
+from .extension import extension_available
+from .hparams import AlphaEditHyperParams
+from .keys import compute_ks, get_module_input_output_at_words
+from .positions import find_fact_lookup_idx, get_words_idxs_in_templates
+from .projector import nullspace_basis, nullspace_projector
+from .templates import get_context_templates
+from .values import compute_z
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlphaEditError",
+    "AlphaEditHyperParams",
+    "HyperParamsError",
+    "InvalidRequestError",
+    "ModelSpec",
+    "ModelStructureError",
+    "NonFiniteError",
+    "ShapeError",
+    "__version__",
+    "apply_AlphaEdit_to_model",
+    "compute_ks",
+    "compute_z",
+    "detect",
+    "extension_available",
+    "find_fact_lookup_idx",
+    "get_context_templates",
+    "get_module_input_output_at_words",
+    "get_words_idxs_in_templates",
+    "nullspace_basis",
+    "nullspace_projector",
+]

@@ -1,0 +1,109 @@
+"""Model families: module templates, key width and weight orientation, read off the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .errors import ModelStructureError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where AlphaEdit reads and writes inside one model family."""
+
+    family: str
+    layer_module_tmp: str  # decoder block l; its output is the z-layer hidden state
+    rewrite_module_tmp: str  # MLP output projection; its input is the key k
+    mlp_module_tmp: str
+    attn_module_tmp: str
+    ln_f_module: str
+    lm_head_module: str
+    num_layers: int = 0
+    default_v_lr: float = 0.1
+
+
+_GPT2 = ModelSpec("gpt2", "transformer.h.{}", "transformer.h.{}.mlp.c_proj", "transformer.h.{}.mlp",
+                  "transformer.h.{}.attn", "transformer.ln_f", "lm_head", default_v_lr=0.5)
+_GPTJ = ModelSpec("gptj", "transformer.h.{}", "transformer.h.{}.mlp.fc_out", "transformer.h.{}.mlp",
+                  "transformer.h.{}.attn", "transformer.ln_f", "lm_head", default_v_lr=0.5)
+_NEOX = ModelSpec("gpt_neox", "gpt_neox.layers.{}", "gpt_neox.layers.{}.mlp.dense_4h_to_h",
+                  "gpt_neox.layers.{}.mlp", "gpt_neox.layers.{}.attention",
+                  "gpt_neox.final_layer_norm", "embed_out")
+_LLAMA_LIKE = ModelSpec("llama", "model.layers.{}", "model.layers.{}.mlp.down_proj", "model.layers.{}.mlp",
+                        "model.layers.{}.self_attn", "model.norm", "lm_head")
+
+FAMILIES: dict[str, ModelSpec] = {
+    "gpt2": _GPT2,
+    "gptj": _GPTJ,
+    "gpt_neox": _NEOX,
+    **{name: replace(_LLAMA_LIKE, family=name)
+       for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")},
+}
+
+
+def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """`model.get_submodule(name)` with an error that says which module is missing."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ModelStructureError(
+            f"{type(model).__name__} has no module {name!r}; check the module templates and "
+            "layer numbers in the hyper-parameters (AlphaEditHyperParams.for_model fills them in)."
+        ) from None
+
+
+def _has_module(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _output_embedding_name(model: torch.nn.Module, default: str) -> str:
+    """Name of the LM head (`embed_out` in GPT-NeoX up to transformers 4.x, `lm_head` elsewhere)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            return name
+    return default
+
+
+def detect(model: torch.nn.Module) -> ModelSpec:
+    """The ModelSpec of `model`: by `config.model_type`, else by probing the known layouts."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    candidates = [FAMILIES[model_type]] if model_type in FAMILIES else list(FAMILIES.values())
+    for spec in candidates:
+        if _has_module(model, spec.rewrite_module_tmp.format(0)) and _has_module(model, spec.ln_f_module):
+            num_layers = len(get_module(model, spec.layer_module_tmp.format("")[:-1]))
+            family = spec.family if model_type in FAMILIES else (model_type or spec.family)
+            return replace(spec, family=family, num_layers=num_layers,
+                           lm_head_module=_output_embedding_name(model, spec.lm_head_module))
+    raise ModelStructureError(
+        f"cannot tell where the MLP output projections of {type(model).__name__} "
+        f"(model_type={model_type!r}) are; supported families: {sorted(FAMILIES)}. "
+        "Pass explicit module templates in AlphaEditHyperParams instead."
+    )
+
+
+def stores_keys_first(module: torch.nn.Module) -> bool:
+    """True when the module's weight is stored (d_k, d_model), as GPT-2's Conv1D does.
+
+    nn.Linear stores (out, in) = (d_model, d_k); Conv1D stores (in, out).
+    """
+    if isinstance(module, torch.nn.Linear):
+        return False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return True
+    raise ModelStructureError(
+        f"rewrite module {type(module).__name__} is neither nn.Linear nor Conv1D; "
+        "AlphaEdit edits a dense MLP output projection."
+    )
+
+
+def key_width(module: torch.nn.Module) -> int:
+    """d_k: the input width of a rewrite module."""
+    weight = module.weight
+    return weight.shape[0] if stores_keys_first(module) else weight.shape[1]

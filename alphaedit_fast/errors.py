@@ -1,0 +1,36 @@
+"""One exception hierarchy: every error the library raises on bad input is an AlphaEditError."""
+
+
+class AlphaEditError(Exception):
+    """Base class of every error raised by alphaedit_fast."""
+
+
+class InvalidRequestError(AlphaEditError, ValueError):
+    """An edit request is malformed (prompt without one `{}`, empty subject or target, ...)."""
+
+
+class HyperParamsError(AlphaEditError, ValueError):
+    """A hyper-parameter is missing, of the wrong type or out of range."""
+
+
+class ModelStructureError(AlphaEditError, LookupError):
+    """The model lacks a layer or module the hyper-parameters name, or its family is unknown."""
+
+
+class ShapeError(AlphaEditError, ValueError):
+    """A tensor argument (P, cache_c, covariance) has the wrong shape."""
+
+
+class NonFiniteError(AlphaEditError, FloatingPointError):
+    """A tensor holds NaN or infinity where finite values are required."""
+
+
+def require_finite(tensor, what: str) -> None:
+    """Raise NonFiniteError naming `what` when `tensor` holds NaN or inf."""
+    import torch
+
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(
+            f"{what} contains NaN or infinite values; check how it was computed "
+            "(statistics in too low a precision, a diverged optimisation, a corrupted file)."
+        )

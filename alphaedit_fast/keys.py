@@ -1,0 +1,61 @@
+"""Keys (DESIGN step 4): rewrite-module inputs at the subject, averaged over context templates."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .hparams import AlphaEditHyperParams
+from .positions import absolute_positions, encode_batch, lookup_positions
+from .trace import capture_at_positions
+
+MICRO_BATCH = 128
+
+
+def get_module_input_output_at_words(
+    model, tok, layer: int, context_templates: Sequence[str], words: Sequence[str],
+    module_template: str, fact_token_strategy: str, batch_size: int = MICRO_BATCH,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and output of `module_template.format(layer)` at each word's lookup position.
+
+    Returns (inputs (n, d_in), outputs (n, d_out)), detached, in the model dtype. Each forward
+    pass stops at that module; the gather happens inside the hook.
+    """
+    name = module_template.format(layer)
+    positions = lookup_positions(tok, context_templates, words, fact_token_strategy)
+    texts = [t.format(w) for t, w in zip(context_templates, words)]
+    device = model.get_input_embeddings().weight.device
+    ins, outs = [], []
+    for start in range(0, len(texts), batch_size):
+        input_ids, mask = encode_batch(tok, texts[start : start + batch_size], device)
+        pos = absolute_positions(positions[start : start + batch_size], mask)
+        got_in, got_out = capture_at_positions(model, input_ids, mask, pos, inputs_of=[name], outputs_of=[name])
+        ins.append(got_in[name])
+        outs.append(got_out[name])
+    return torch.cat(ins), torch.cat(outs)
+
+
+def request_texts(requests, context_templates) -> tuple[list[str], list[str], torch.Tensor]:
+    """Every (request x context template) prompt, its subject, and the averaging weights.
+
+    Returns templates (n * m,), words (n * m,) and weights (m,) such that
+    keys = (weights[:, None] * reprs.view(n, m, d)).sum(1) is the mean over each group, then
+    over groups.
+    """
+    group_sizes = [len(group) for group in context_templates]
+    per_request = sum(group_sizes)
+    row = torch.cat([torch.full((size,), 1.0 / (size * len(group_sizes))) for size in group_sizes])
+    templates = [ctx.format(r["prompt"]) for r in requests for group in context_templates for ctx in group]
+    words = [r["subject"] for r in requests for _ in range(per_request)]
+    return templates, words, row
+
+
+def compute_ks(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, context_templates) -> torch.Tensor:
+    """Keys of every request at `layer`: (n_requests, d_k), fp32, as the original `compute_ks`."""
+    templates, words, weights = request_texts(requests, context_templates)
+    reprs, _ = get_module_input_output_at_words(
+        model, tok, layer, templates, words, hparams.rewrite_module_tmp, hparams.fact_token
+    )
+    per_request = reprs.view(len(requests), len(weights), -1).float()
+    return (weights.to(reprs.device)[:, None] * per_request).sum(1)

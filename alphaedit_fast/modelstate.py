@@ -1,0 +1,40 @@
+"""Temporary changes to a model's state, always undone: eval mode, frozen weights, rollback."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+
+@contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode and `requires_grad=False` on every parameter; both restored on exit.
+
+    Editing must not run dropout nor accumulate `.grad` in the user's model.
+    """
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+@contextmanager
+def restore_on_error(weights: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """Snapshot `weights`; if the block raises, copy every one back, then re-raise."""
+    saved = [w.detach().clone() for w in weights]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for w, s in zip(weights, saved):
+                w.copy_(s)
+        raise

@@ -1,0 +1,31 @@
+"""Null-space projector (DESIGN step 6) from a key covariance."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ShapeError, require_finite
+
+
+def _basis_fp64(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+        raise ShapeError(f"covariance must be a square (d, d) matrix, got shape {tuple(cov.shape)}")
+    require_finite(cov, "covariance")
+    sym = cov.to(torch.float64)
+    evals, evecs = torch.linalg.eigh((sym + sym.T) / 2)
+    return evecs[:, evals < threshold]
+
+
+def nullspace_basis(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """U0: eigenvectors of `cov` (d, d) with eigenvalue < threshold, as (d, r) in cov's dtype.
+
+    The eigendecomposition runs in fp64. A symmetric PSD covariance's eigenvalues are its
+    singular values, so this selects the same subspace as the original's SVD.
+    """
+    return _basis_fp64(cov, threshold).to(cov.dtype)
+
+
+def nullspace_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U0 U0^T (d, d) in cov's dtype: what the original's `get_project` returns for `cov`."""
+    basis = _basis_fp64(cov, threshold)
+    return (basis @ basis.T).to(cov.dtype)

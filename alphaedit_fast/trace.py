@@ -1,0 +1,97 @@
+"""Forward hooks: read module inputs/outputs at given positions, edit outputs, stop early.
+
+Decoder blocks return a tuple in transformers 4.4x and a tensor in 5.x; `hidden_of` and
+`with_hidden` hide the difference.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .arch import get_module
+
+
+def hidden_of(output):
+    """The hidden-state tensor of a module output (first element of a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output, hidden: torch.Tensor):
+    """`output` with its hidden-state tensor replaced by `hidden`."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def input_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden-state input of a module call (first positional or `hidden_states`)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class StopForward(Exception):
+    """Raised inside a hook once everything needed is captured, to skip the rest of a forward."""
+
+
+@contextmanager
+def hooks(model: torch.nn.Module, handlers: dict[str, Callable], with_kwargs: bool = True) -> Iterator[None]:
+    """Register `handlers[name](module, args, kwargs, output)` as forward hooks; remove on exit."""
+    handles = [
+        get_module(model, name).register_forward_hook(fn, with_kwargs=with_kwargs)
+        for name, fn in handlers.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_model(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """One forward pass without a KV cache; returns the model output, or None if stopped early."""
+    try:
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except StopForward:
+        return None
+
+
+def capture_at_positions(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    inputs_of: Sequence[str] = (),
+    outputs_of: Sequence[str] = (),
+    stop_early: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Inputs/outputs of modules at one position per row, gathered inside the hooks.
+
+    input_ids, attention_mask: (batch, seq); positions: (batch,) batch indices.
+    Returns ({name: (batch, d_in)}, {name: (batch, d_out)}), detached, in the model dtype.
+    With `stop_early` the forward pass ends as soon as every requested tensor is captured.
+    """
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    wanted = len(set(inputs_of)) + len(set(outputs_of))
+    captured_in: dict[str, torch.Tensor] = {}
+    captured_out: dict[str, torch.Tensor] = {}
+
+    def maybe_stop():
+        if stop_early and len(captured_in) + len(captured_out) == wanted:
+            raise StopForward
+
+    def make_handler(name: str):
+        def handler(module, args, kwargs, output):
+            if name in inputs_of:
+                x = input_of(args, kwargs)
+                captured_in[name] = x[rows, positions.to(x.device)].detach()
+            if name in outputs_of:
+                y = hidden_of(output)
+                captured_out[name] = y[rows, positions.to(y.device)].detach()
+            maybe_stop()
+
+        return handler
+
+    names = list(dict.fromkeys([*inputs_of, *outputs_of]))
+    with torch.no_grad(), hooks(model, {n: make_handler(n) for n in names}):
+        run_model(model, input_ids, attention_mask)
+    return captured_in, captured_out
