@@ -7,7 +7,7 @@ turns them into indices of a padded batch whatever side the padding is on.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -9,7 +9,7 @@ import torch
 
 from .positions import encode_batch
 
-_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
 PREFIXES = ("The", "Therefore", "Because", "I", "You")
 
 

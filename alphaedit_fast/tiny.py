@@ -48,7 +48,7 @@ def corpus() -> list[str]:
     return rows * 4 + [" " + " ".join(_OBJECTS)] * 50 + [" ".join(_NAMES)] * 20
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_json(add_bos: bool, vocab_size: int) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 

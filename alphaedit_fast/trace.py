@@ -6,8 +6,8 @@ Decoder blocks return a tuple in transformers 4.4x and a tensor in 5.x; `hidden_
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
 
 import torch
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ def module_reprs_at_words_ref(
         input_ids, mask = encode_batch(tok, [template.format(word)], device)
         seen = {}
 
-        def grab(module, args, kwargs, output):
+        def grab(module, args, kwargs, output, seen=seen):
             seen["x"] = input_of(args, kwargs) if track == "in" else hidden_of(output)
 
         with torch.no_grad(), hooks(model, {module_name: grab}):

@@ -1,0 +1,47 @@
+# Quickstart: `make demo`, `make test`. Every target creates its virtual environment first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch lies on local disk; a plain `torch` requirement would pull a CUDA build.
+TORCH ?= torch==2.13.0
+COMPAT_VENV ?= .venv-tf446
+COMPAT_TRANSFORMERS ?= transformers==4.46.*
+ENGINE_TESTS := tests/test_engine.py tests/test_positions.py tests/test_arch.py tests/test_templates.py
+
+.PHONY: install demo test lint test-compat ci clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/alphaedit-fast demo
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check alphaedit_fast kernels tests benchmarks setup.py
+
+# The engine tests once more on transformers 4.46 (decoder layers return tuples there).
+$(COMPAT_VENV)/.installed: pyproject.toml setup.py
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q --upgrade pip setuptools wheel
+	$(COMPAT_VENV)/bin/pip install -q $(TORCH)
+	$(COMPAT_VENV)/bin/pip install -q "$(COMPAT_TRANSFORMERS)"
+	$(COMPAT_VENV)/bin/pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(COMPAT_VENV)/bin/python -m pytest -q $(ENGINE_TESTS)
+
+ci: lint test test-compat
+
+clean:
+	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info build
