@@ -39,8 +39,9 @@ def get_words_idxs_in_templates(
     """Index of the subject's `subtoken` in each filled template: `[[idx], ...]`.
 
     `last`: len(tokens(prefix + word)) - 1; `first_after_last`: len(tokens(prefix + word))
-    unless nothing follows the word; `first`: len(tokens(prefix)). Same values as the original
-    for `last` and `first_after_last` (the original's `first` counts from the end).
+    unless nothing follows the word; `first`: len(tokens(prefix)), at most the `last` index.
+    Same values as the original for `last` and `first_after_last` (the original's `first`
+    counts from the end, which is wrong under right padding).
     """
     if subtoken not in SUBTOKENS:
         raise InvalidRequestError(f"unknown subtoken {subtoken!r}; expected one of {SUBTOKENS}")
@@ -48,6 +49,12 @@ def get_words_idxs_in_templates(
         raise InvalidRequestError(
             f"{len(context_templates)} templates but {len(words)} words; pass one word per template"
         )
+    for template, word in zip(context_templates, words):
+        if not isinstance(word, str) or not word.strip():
+            raise InvalidRequestError(f"subject {word!r} in {template!r} must be a non-empty string")
+    # A prefix ending in a space may tokenise that space alone and merge it with a one-token
+    # word, so tokens(prefix + word) can be no longer than tokens(prefix): the word's last
+    # token is then the prefix's last position, which the formulas below give (as the original).
     parts = [split_template(t) for t in context_templates]
     n = len(parts)
     lengths = token_lengths(
@@ -57,14 +64,8 @@ def get_words_idxs_in_templates(
         + [p + w + s for (p, s), w in zip(parts, words)],
     )
     prefix_len, prompt_len, input_len = lengths[:n], lengths[n : 2 * n], lengths[2 * n :]
-    for i in range(n):
-        if not isinstance(words[i], str) or prompt_len[i] - prefix_len[i] <= 0:
-            raise InvalidRequestError(
-                f"subject {words[i]!r} produces no tokens in {context_templates[i]!r}; "
-                "the subject must be a non-empty string"
-            )
-    if subtoken == "first":
-        return [[prefix_len[i]] for i in range(n)]
+    if subtoken == "first":  # clamped for the merged one-token case above
+        return [[min(prefix_len[i], prompt_len[i] - 1)] for i in range(n)]
     return [
         [prompt_len[i] - (1 if subtoken == "last" or input_len[i] == prompt_len[i] else 0)]
         for i in range(n)

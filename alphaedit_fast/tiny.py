@@ -76,11 +76,12 @@ def tiny_tokenizer(add_bos: bool = False, padding_side: str = "right", vocab_siz
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer.from_str(_tokenizer_json(add_bos, vocab_size))
+    # Like real GPT-2/Llama tokenizers: no token_type_ids, which `model(**tok(...))` would pass on.
+    common = dict(tokenizer_object=tk, padding_side=padding_side, model_input_names=["input_ids", "attention_mask"])
     if add_bos:
-        return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                       pad_token="<pad>", unk_token="<unk>", padding_side=padding_side)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>", padding_side=padding_side)
+        return PreTrainedTokenizerFast(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                       **common)
+    return PreTrainedTokenizerFast(bos_token="<|endoftext|>", eos_token="<|endoftext|>", **common)
 
 
 def tiny_model(family: str, vocab_size: int = 512, seed: int = 0, dtype: torch.dtype = torch.float32,

@@ -230,3 +230,22 @@ def test_z_cache_files_round_trip(tmp_path, requests_):
                              context_templates=CONTEXT_TEMPLATES)
     for a, b in zip(rewrite_weights(first, hparams), rewrite_weights(second, hparams)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_one_token_subject_after_a_space_edits(family):
+    """In "The a. {}" the prefix's trailing space merges with " Paris": the subject adds no token."""
+    from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
+
+    model, tok = tiny_model(family), tiny_tokenizer_for(family)
+    hparams = test_hparams(model, L2=10.0)
+    requests = [{"prompt": "{} is located in", "subject": "Paris", "target_new": {"str": "London"}}]
+    ref_model = copy.deepcopy(model)
+    before = rewrite_weights(model, hparams)
+    apply_AlphaEdit_to_model(model, tok, requests, hparams, P=identity_projector(hparams),
+                             context_templates=CONTEXT_TEMPLATES)
+    updates, _ = apply_alphaedit_ref(ref_model, tok, requests, hparams, CONTEXT_TEMPLATES,
+                                     identity_projector(hparams), torch.zeros(2, 160, 160))
+    for b, w, layer in zip(before, rewrite_weights(model, hparams), hparams.layers):
+        assert updates[layer].norm() > 0
+        assert ((w - b) - updates[layer]).norm() / updates[layer].norm() < 1e-4

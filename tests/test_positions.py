@@ -8,9 +8,9 @@ from alphaedit_fast.positions import absolute_positions, encode_batch, lookup_po
 from alphaedit_fast.tiny import tiny_tokenizer
 
 TEMPLATES = ["The mother tongue of {} is", "{} plays the", "{}", "I think {}", "{}, who speaks",
-             "Because of it. {} works for", "x{}y"]
+             "Because of it. {} works for", "x{}y", "The a. {}", "The capital of {} is"]
 WORDS = ["Danielle Darrieux", "Toko Yasuda", "Apple A5", "Michel Denisot", " Pervez Musharraf",
-         "Edwin of Northumbria", "ab"]
+         "Edwin of Northumbria", "ab", "Paris", "France"]
 
 
 def brute_force(tok, template, word, subtoken):
@@ -20,7 +20,7 @@ def brute_force(tok, template, word, subtoken):
     n_prompt = len(tok.encode(prefix + word))
     n_input = len(tok.encode(prefix + word + suffix))
     if subtoken == "first":
-        return n_prefix
+        return min(n_prefix, n_prompt - 1)
     if subtoken == "last" or n_input == n_prompt:
         return n_prompt - 1
     return n_prompt
@@ -51,6 +51,14 @@ def test_indices_match_brute_force_real_gpt2(gpt2_tokenizer, subtoken):
     expected_token = {"last": "ux", "first_after_last": " is", "first": None}[subtoken]
     if expected_token is not None:
         assert gpt2_tokenizer.decode(ids[got[0][0]]) == expected_token
+
+
+def test_one_token_subject_merging_with_the_prefix_space():
+    """"The a. " ends in a space tokenised alone; " Paris" is one token: the subject adds no token."""
+    tok = tiny_tokenizer(add_bos=False)
+    assert len(tok.encode("The a. ")) == len(tok.encode("The a. Paris"))
+    idx = get_words_idxs_in_templates(tok, ["The a. {}"], ["Paris"], "last")[0][0]
+    assert tok.decode(tok.encode("The a. Paris")[idx]) == " Paris"
 
 
 def test_bos_shifts_positions_by_one():
