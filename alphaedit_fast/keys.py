@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .hparams import AlphaEditHyperParams
@@ -36,26 +37,29 @@ def get_module_input_output_at_words(
     return torch.cat(ins), torch.cat(outs)
 
 
-def request_texts(requests, context_templates) -> tuple[list[str], list[str], torch.Tensor]:
-    """Every (request x context template) prompt, its subject, and the averaging weights.
-
-    Returns templates (n * m,), words (n * m,) and weights (m,) such that
-    keys = (weights[:, None] * reprs.view(n, m, d)).sum(1) is the mean over each group, then
-    over groups.
-    """
-    group_sizes = [len(group) for group in context_templates]
-    per_request = sum(group_sizes)
-    row = torch.cat([torch.full((size,), 1.0 / (size * len(group_sizes))) for size in group_sizes])
+def request_texts(requests, context_templates) -> tuple[list[str], list[str]]:
+    """Every (request x context template) prompt and its subject: two lists of n * m strings."""
+    per_request = sum(len(group) for group in context_templates)
     templates = [ctx.format(r["prompt"]) for r in requests for group in context_templates for ctx in group]
     words = [r["subject"] for r in requests for _ in range(per_request)]
-    return templates, words, row
+    return templates, words
+
+
+def average_over_templates(reprs: torch.Tensor, context_templates) -> torch.Tensor:
+    """(n * m, d) representations -> (n, d) fp32: mean inside each context group, then over groups.
+
+    The same two means in the same order as the original, so fp32 keys agree bit for bit.
+    """
+    bounds = np.cumsum([0] + [len(group) for group in context_templates]).tolist()
+    per_request = reprs.float().view(-1, bounds[-1], reprs.shape[-1])
+    group_means = [per_request[:, start:end].mean(1) for start, end in zip(bounds, bounds[1:])]
+    return torch.stack(group_means, 1).mean(1)
 
 
 def compute_ks(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, context_templates) -> torch.Tensor:
     """Keys of every request at `layer`: (n_requests, d_k), fp32, as the original `compute_ks`."""
-    templates, words, weights = request_texts(requests, context_templates)
+    templates, words = request_texts(requests, context_templates)
     reprs, _ = get_module_input_output_at_words(
         model, tok, layer, templates, words, hparams.rewrite_module_tmp, hparams.fact_token
     )
-    per_request = reprs.view(len(requests), len(weights), -1).float()
-    return (weights.to(reprs.device)[:, None] * per_request).sum(1)
+    return average_over_templates(reprs, context_templates)
