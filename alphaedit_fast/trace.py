@@ -95,3 +95,58 @@ def capture_at_positions(
     with torch.no_grad(), hooks(model, {n: make_handler(n) for n in names}):
         run_model(model, input_ids, attention_mask)
     return captured_in, captured_out
+
+
+class _StandIn(torch.nn.Module):
+    """Takes a decoder block's place; attribute reads fall through to the block (e.g. the
+    `attention_type` some models read off each layer to pick its mask)."""
+
+    def __init__(self, block: torch.nn.Module, output_fn: Callable[[torch.Tensor], torch.Tensor], as_tuple: bool):
+        super().__init__()
+        object.__setattr__(self, "block", block)  # not registered: no parameters of its own
+        object.__setattr__(self, "output_fn", output_fn)
+        self.as_tuple = as_tuple
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "block"), name)
+
+    def forward(self, *args, **kwargs):
+        hidden = self.output_fn(input_of(args, kwargs))
+        return (hidden,) if self.as_tuple else hidden
+
+
+@contextmanager
+def replayed_blocks(model: torch.nn.Module, layer_module_tmp: str, last: int,
+                    replay: Callable[[], torch.Tensor], as_tuple: bool) -> Iterator[None]:
+    """Blocks 0..`last` stand aside: the first ones pass their input through, block `last`
+    returns `replay()` (its cached output, edited). Only the blocks after `last` compute.
+
+    `as_tuple`: whether the real blocks return a tuple (transformers 4.4x) or a tensor (5.x).
+    """
+    container = get_module(model, layer_module_tmp.format("")[:-1])
+    originals = [container[i] for i in range(last + 1)]
+    for i, block in enumerate(originals):
+        container[i] = _StandIn(block, (lambda h: replay()) if i == last else (lambda h: h), as_tuple)
+    try:
+        yield
+    finally:
+        for i, block in enumerate(originals):
+            container[i] = block
+
+
+def capture_block_outputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          block_name: str) -> tuple[torch.Tensor, bool]:
+    """Full output of one block (batch, seq, d), stopping the forward there, and whether the
+    block returned a tuple (transformers 4.4x) rather than a tensor (5.x)."""
+    seen = {}
+
+    def grab(module, args, kwargs, output):
+        seen["hidden"], seen["tuple"] = hidden_of(output).detach(), isinstance(output, tuple)
+        raise StopForward
+
+    with torch.no_grad(), hooks(model, {block_name: grab}):
+        run_model(model, input_ids, attention_mask)
+    return seen["hidden"], seen["tuple"]

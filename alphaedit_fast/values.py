@@ -1,17 +1,229 @@
-"""Target values z (DESIGN step 3)."""
+"""Target values z (DESIGN step 3): every request's delta optimised in one batch.
+
+The loss is a sum of independent per-request terms and Adam is element-wise, so optimising
+all requests together gives each the trajectory it would have alone. Blocks 0..L compute the
+same thing at every step (only delta, added to block L's output, changes): their output is
+computed once and replayed, and each step runs only the blocks after L.
+"""
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .arch import get_module
 from .hparams import AlphaEditHyperParams
+from .modelstate import frozen
+from .positions import absolute_positions, encode_batch, lookup_positions
 from .reference import compute_z_ref
+from .requests import normalize_requests, target_token_ids
+from .trace import StopForward, capture_block_outputs, hidden_of, hooks, replayed_blocks, run_model
+
+EARLY_STOP_LOSS = 5e-2
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
 
 def compute_z(model, tok, request, hparams: AlphaEditHyperParams, layer: int, context_templates) -> torch.Tensor:
     """z = h0 + delta at the output of block `layer` for one request: (d_model,).
 
-    Same signature and result as the original `compute_z`. (The batched version that
-    optimises many requests at once is `compute_zs`, added with the fast paths.)
+    The original `compute_z`, one request at a time; `compute_zs` does many at once.
     """
     return compute_z_ref(model, tok, request, hparams, layer, context_templates)
+
+
+@dataclass
+class _Batch:
+    """The prompts of a micro-batch of requests: per request its rewriting prompts, then "{} is a"."""
+
+    input_ids: torch.Tensor  # (rows, seq)
+    attention_mask: torch.Tensor  # (rows, seq)
+    positions: torch.Tensor  # (rows,) lookup position of each row
+    row_request: torch.Tensor  # (rows,) request index of each row
+    kl_rows: torch.Tensor  # (n,) the "{} is a" row of each request
+    first_rows: torch.Tensor  # (n,) the first rewriting row of each request (h0 is read there)
+    target_rows: torch.Tensor  # (tokens,) row of each target token
+    target_positions: torch.Tensor  # (tokens,) position predicting it
+    target_ids: torch.Tensor  # (tokens,)
+    target_weights: torch.Tensor  # (tokens,) 1 / (len(target) * rewriting prompts)
+
+
+def _prepare(tok, requests, context_templates, fact_token: str, device) -> _Batch:
+    templates, words, row_request, kl_rows, targets = [], [], [], [], []
+    for index, request in enumerate(requests):
+        ids = target_token_ids(tok, request["target_new"]["str"])
+        suffix = tok.decode(ids[:-1])
+        prompts = [ctx.format(request["prompt"]) + suffix for group in context_templates for ctx in group]
+        targets.append((len(templates), len(prompts), ids))
+        templates += prompts + ["{} is a"]
+        words += [request["subject"]] * (len(prompts) + 1)
+        row_request += [index] * (len(prompts) + 1)
+        kl_rows.append(len(templates) - 1)
+    input_ids, mask = encode_batch(tok, [t.format(w) for t, w in zip(templates, words)], device)
+    positions = absolute_positions(lookup_positions(tok, templates, words, fact_token), mask)
+    lengths = mask.sum(1).tolist()
+    t_rows, t_pos, t_ids, t_weights = [], [], [], []
+    for first, n_prompts, ids in targets:
+        for row in range(first, first + n_prompts):
+            end = lengths[row]  # the prompt ends with target[:-1]
+            t_rows += [row] * len(ids)
+            t_pos += range(end - len(ids), end)  # the position before each target token predicts it
+            t_ids += ids
+            t_weights += [1.0 / (len(ids) * n_prompts)] * len(ids)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return _Batch(input_ids, mask, positions, as_long(row_request), as_long(kl_rows),
+                  as_long([first for first, _, _ in targets]), as_long(t_rows), as_long(t_pos), as_long(t_ids),
+                  torch.tensor(t_weights, device=device))
+
+
+def _adam_step(param, grad, exp_avg, exp_avg_sq, step: int, lr: float) -> None:
+    """torch.optim.Adam's update (single-tensor form), in place on rows of one request each."""
+    beta1, beta2 = ADAM_BETAS
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(ADAM_EPS)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def default_z_batch_size(model, rows_per_request: int) -> int:
+    """Requests per micro-batch: from free GPU memory, or 16 on CPU."""
+    device = model.get_input_embeddings().weight.device
+    if device.type != "cuda":
+        return 16
+    free, _ = torch.cuda.mem_get_info(device)
+    config = model.config
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 1024)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 32)
+    # activations kept for backward: ~40 floats of width d per token per block, 32 tokens a prompt
+    per_request = rows_per_request * 32 * width * layers * 40 * 2
+    return int(max(1, min(256, 0.5 * free // per_request)))
+
+
+def compute_zs(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, context_templates,
+               batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+    """Target values of all requests: (n, d_model) fp32, each as `compute_z` would give it.
+
+    Requests are optimised together in micro-batches of `batch_size` (default: `z_batch_size`
+    in the hyper-parameters' extra keys, else chosen from free memory), each with its own Adam
+    moments, early stop and norm clamp; a finished request never moves again.
+    """
+    requests = normalize_requests(requests)
+    rows_per_request = sum(len(g) for g in context_templates) + 1
+    batch_size = batch_size or hparams.extra.get("z_batch_size") or default_z_batch_size(model, rows_per_request)
+    chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+    with frozen(model):
+        zs = [_optimise(model, tok, chunk, hparams, layer, context_templates)
+              for chunk in tqdm(chunks, desc="z", unit="batch", disable=not progress)]
+    return torch.cat(zs)
+
+
+def _run_blocks_after(model, hparams: AlphaEditHyperParams, layer: int, loss_layer: int, input_ids, attention_mask,
+                      replay, as_tuple: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward with blocks 0..layer replayed; stops at the final norm.
+
+    Returns the outputs of block `loss_layer` and of the last block, both (rows, seq, d).
+    """
+    seen = {}
+
+    def keep_loss_layer(module, args, kwargs, output):
+        seen["loss"] = hidden_of(output)
+
+    def stop_at_final_norm(module, args, kwargs):
+        seen["last"] = args[0] if args else kwargs["hidden_states"]
+        raise StopForward
+
+    ln_f = get_module(model, hparams.ln_f_module)
+    with replayed_blocks(model, hparams.layer_module_tmp, layer, replay, as_tuple), \
+            hooks(model, {hparams.layer_module_tmp.format(loss_layer): keep_loss_layer}):
+        handle = ln_f.register_forward_pre_hook(stop_at_final_norm, with_kwargs=True)
+        try:
+            run_model(model, input_ids, attention_mask)
+        finally:
+            handle.remove()
+    return seen["loss"], seen["last"]
+
+
+def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, context_templates) -> torch.Tensor:
+    """z of one micro-batch of requests: (n, d_model) fp32."""
+    device = model.get_input_embeddings().weight.device
+    batch = _prepare(tok, requests, context_templates, hparams.fact_token, device)
+    n = len(requests)
+    loss_layer = max(hparams.v_loss_layer, layer)
+    ln_f = get_module(model, hparams.ln_f_module)
+    lm_head = get_module(model, hparams.lm_head_module)
+    lm_w = lm_head.weight.T
+    lm_b = lm_head.bias if getattr(lm_head, "bias", None) is not None else lm_w.new_zeros(lm_w.shape[1])
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    # Blocks 0..L once; their output is replayed at every step.
+    cached, as_tuple = capture_block_outputs(model, batch.input_ids, batch.attention_mask,
+                                             hparams.layer_module_tmp.format(layer))
+    dev = cached.device
+    batch = _Batch(*[t.to(dev) for t in vars(batch).values()])
+    all_rows = torch.arange(len(batch.row_request), device=dev)
+    h0 = cached[batch.first_rows, batch.positions[batch.first_rows]]
+    h0_norm = h0.norm(dim=-1).float()
+    delta = torch.zeros(n, h0.shape[-1], device=dev)
+    exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    kl_init = None
+
+    for step in range(hparams.v_num_grad_steps):
+        active = (~done).nonzero().squeeze(1)  # requests still optimising; only their rows run
+        if active.numel() == 0:
+            break
+        local_request = torch.full((n,), -1, dtype=torch.long, device=dev)
+        local_request[active] = torch.arange(active.numel(), device=dev)
+        rows = all_rows[local_request[batch.row_request] >= 0]
+        local_row = torch.full_like(all_rows, -1)
+        local_row[rows] = torch.arange(rows.numel(), device=dev)
+        row_request, positions = local_request[batch.row_request[rows]], batch.positions[rows]
+        rows_cached = cached[rows]
+        active_delta = delta[active].clone().requires_grad_(True)
+
+        def replay(rows_cached=rows_cached, positions=positions, row_request=row_request, d=active_delta):
+            at = torch.arange(len(positions), device=dev)
+            edited = (rows_cached[at, positions].float() + d[row_request]).to(rows_cached.dtype)
+            return rows_cached.index_put((at, positions), edited)
+
+        with torch.enable_grad():
+            h_loss, h_last = _run_blocks_after(model, hparams, layer, loss_layer, batch.input_ids[rows.to(device)],
+                                               batch.attention_mask[rows.to(device)], replay, as_tuple)
+            # Rewriting loss: read at the loss layer through the final norm and LM head (as the original).
+            tokens = local_row[batch.target_rows] >= 0
+            token_rows = local_row[batch.target_rows[tokens]]
+            hidden = h_loss[token_rows.to(h_loss.device), batch.target_positions[tokens].to(h_loss.device)]
+            log_probs = torch.log_softmax(ln_f(hidden) @ lm_w + lm_b, dim=-1)
+            picked = log_probs.gather(1, batch.target_ids[tokens].unsqueeze(1).to(log_probs.device)).squeeze(1)
+            weighted = -(picked.float().to(dev) * batch.target_weights[tokens])
+            nll = torch.zeros(active.numel(), device=dev).index_add(0, row_request[token_rows], weighted)
+
+            # KL at each request's "{} is a" lookup position, on the model's own logits.
+            kl_rows = batch.kl_rows[active]
+            last = h_last[local_row[kl_rows].to(h_last.device), batch.positions[kl_rows].to(h_last.device)]
+            logits = lm_head(ln_f(last)).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            kl_log_probs = F.log_softmax(logits, dim=-1).to(dev)
+            if kl_init is None:
+                kl_init = kl_log_probs.detach().clone()
+            kl = F.kl_div(kl_init[active], kl_log_probs, log_target=True, reduction="none").sum(-1)
+            decay = hparams.v_weight_decay * (active_delta.norm(dim=-1) / h0_norm[active] ** 2)
+            loss = nll + hparams.kl_factor * kl + decay
+
+            moving = ~((loss < EARLY_STOP_LOSS) | (step == hparams.v_num_grad_steps - 1))
+            done[active[~moving]] = True
+            if not moving.any():
+                continue
+            (grad,) = torch.autograd.grad(loss[moving].sum(), active_delta)
+        ids = active[moving]
+        param, m, v = delta[ids], exp_avg[ids], exp_avg_sq[ids]
+        _adam_step(param, grad[moving], m, v, step + 1, hparams.v_lr)
+        max_norm = hparams.clamp_norm_factor * h0_norm[ids]
+        norms = param.norm(dim=-1)
+        param = torch.where((norms > max_norm)[:, None], param * (max_norm / norms)[:, None], param)
+        delta[ids], exp_avg[ids], exp_avg_sq[ids] = param, m, v
+    return h0.float() + delta
