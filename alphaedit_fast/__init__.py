@@ -1,7 +1,7 @@
 """alphaedit_fast: exact, fast AlphaEdit (null-space constrained knowledge editing)."""
 
 from .arch import ModelSpec, detect
-from .editor import apply_AlphaEdit_to_model
+from .editor import AlphaEditor, apply_AlphaEdit_to_model
 from .errors import (
     AlphaEditError,
     HyperParamsError,
@@ -16,12 +16,13 @@ from .keys import compute_ks, get_module_input_output_at_words
 from .positions import find_fact_lookup_idx, get_words_idxs_in_templates
 from .projector import nullspace_basis, nullspace_projector
 from .templates import get_context_templates
-from .values import compute_z
+from .values import compute_z, compute_zs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlphaEditError",
+    "AlphaEditor",
     "AlphaEditHyperParams",
     "HyperParamsError",
     "InvalidRequestError",
@@ -33,6 +34,7 @@ __all__ = [
     "apply_AlphaEdit_to_model",
     "compute_ks",
     "compute_z",
+    "compute_zs",
     "detect",
     "extension_available",
     "find_fact_lookup_idx",

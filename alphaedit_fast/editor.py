@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +18,14 @@ import torch
 from .arch import get_module, key_width, stores_keys_first
 from .errors import InvalidRequestError, ModelStructureError, ShapeError, require_finite
 from .hparams import AlphaEditHyperParams
-from .keys import compute_ks, get_module_input_output_at_words
+from .keys import compute_keys
 from .modelstate import frozen, restore_on_error
 from .positions import split_template
+from .projector import basis_from_projector
 from .requests import normalize_requests
-from .solve import dense_update
+from .solve import DenseSolver, ProjectedSolver
 from .templates import get_context_templates
-from .values import compute_z
+from .values import compute_zs
 
 log = logging.getLogger(__name__)
 
@@ -84,36 +87,104 @@ def z_cache_path(cache_template: str | None, hparams: AlphaEditHyperParams, requ
     return Path(str(cache_template).format(hparams.layers[-1], hparams.clamp_norm_factor, request["case_id"]))
 
 
-def load_or_compute_z(model, tok, request, hparams, context_templates, cache_template) -> torch.Tensor:
-    """z for one request, read from / written to the original's `.npz` cache when given."""
-    path = z_cache_path(cache_template, hparams, request)
-    if path is not None and path.exists():
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return torch.from_numpy(data["v_star"])
-        except (OSError, KeyError, ValueError) as err:
-            log.warning("ignoring unreadable z cache %s (%s); recomputing", path, err)
-    z = compute_z(model, tok, request, hparams, hparams.layers[-1], context_templates)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, v_star=z.detach().cpu().numpy())
-        os.replace(tmp, path)
-    return z
+def target_values(model, tok, requests, hparams, context_templates, cache_template, z_batch_size, progress):
+    """z of every request (d_model, n) fp32: read from the original's `.npz` cache files when
+    `cache_template` names them, the rest optimised together by `compute_zs`."""
+    paths = [z_cache_path(cache_template, hparams, r) for r in requests]
+    zs: list[torch.Tensor | None] = [None] * len(requests)
+    for i, path in enumerate(paths):
+        if path is not None and path.exists():
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    zs[i] = torch.from_numpy(data["v_star"]).float()
+            except (OSError, KeyError, ValueError) as err:
+                log.warning("ignoring unreadable z cache %s (%s); recomputing", path, err)
+    todo = [i for i, z in enumerate(zs) if z is None]
+    if todo:
+        computed = compute_zs(model, tok, [requests[i] for i in todo], hparams, hparams.layers[-1],
+                              context_templates, batch_size=z_batch_size, progress=progress)
+        for i, z in zip(todo, computed):
+            zs[i] = z.cpu()
+            if paths[i] is not None:
+                save_npz_atomically(paths[i], v_star=zs[i].numpy())
+    return torch.stack(zs, dim=1)
+
+
+def save_npz_atomically(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+class _Phases:
+    """Wall time per phase (GPU work included: synchronised at each boundary)."""
+
+    def __init__(self, model, sink: dict[str, float] | None):
+        self.sink = sink if sink is not None else {}
+        self.cuda = model.get_input_embeddings().weight.device.type == "cuda"
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.sink[name] = self.sink.get(name, 0.0) + time.perf_counter() - start
+
+
+def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templates, solver, *,
+             cache_template: str | None = None, z_batch_size: int | None = None, progress: bool = False,
+             timings: dict[str, float] | None = None) -> dict[int, torch.Tensor]:
+    """DESIGN steps 3-5 on validated inputs; `solver` gives each layer's update and absorbs the
+    new keys (solve.DenseSolver or solve.ProjectedSolver). Returns {layer: update (d_k, d_model)}.
+
+    Either every layer is edited and the solver has absorbed the keys, or the weights are
+    restored and the error propagates.
+    """
+    modules = check_model(model, hparams)
+    n_layers = len(hparams.layers)
+    phase = _Phases(model, timings)
+    updates = {}
+    with frozen(model), restore_on_error([m.weight for m in modules]):
+        with phase("z"):
+            zs = target_values(model, tok, requests, hparams, context_templates, cache_template, z_batch_size, progress)
+            require_finite(zs, "target values z")
+        for i, (layer, module) in enumerate(zip(hparams.layers, modules)):
+            device = module.weight.device
+            with phase("keys"):
+                (keys,), cur_zs = compute_keys(model, tok, requests, hparams, [layer], context_templates,
+                                               with_z_output=True)
+            with phase("solve"):
+                resid = (zs.to(device) - cur_zs.T.to(device)) / (n_layers - i)
+                upd = solver.update(i, keys.T.to(device), resid)
+                require_finite(upd, f"weight update of layer {layer}")
+                log.info("layer %d: |W| %.4g, |dW| %.4g", layer, module.weight.norm(), upd.norm())
+                with torch.no_grad():
+                    module.weight.add_((upd if stores_keys_first(module) else upd.T).to(module.weight.dtype))
+            updates[layer] = upd
+        with phase("cache update"):
+            keys_after, _ = compute_keys(model, tok, requests, hparams, hparams.layers, context_templates)
+            solver.absorb([k.T.to(m.weight.device) for k, m in zip(keys_after, modules)])
+    return updates
 
 
 def apply_AlphaEdit_to_model(  # noqa: N802 - the original's name
     model, tok, requests: Sequence[dict], hparams, cache_template: str | None = None,
     cache_c: torch.Tensor | None = None, P: torch.Tensor | None = None,
-    context_templates: list[list[str]] | None = None,
+    context_templates: list[list[str]] | None = None, **options,
 ) -> tuple[torch.nn.Module, torch.Tensor]:
     """Edit `model` in place with AlphaEdit; returns (model, updated cache_c).
 
     P, cache_c: (len(layers), d_k, d_k), as the original expects (P=None: no null-space
-    constraint; cache_c=None: zeros). Neither they nor `requests` are modified: the new cache
-    is returned. Everything is validated before the first weight changes, and if anything
-    fails part-way every weight is restored.
+    constraint; cache_c=None: zeros); solved in the original's dense form. Neither they nor
+    `requests` are modified: the new cache is returned. Everything is validated before the first
+    weight changes, and if anything fails part-way every weight is restored. `options`:
+    z_batch_size, progress, timings (see `run_edit`). For many sequential batches use
+    `AlphaEditor`, which keeps a factored projector on the device and solves in the null space.
     """
     hparams = as_hparams(hparams)
     requests = normalize_requests(requests)
@@ -124,31 +195,68 @@ def apply_AlphaEdit_to_model(  # noqa: N802 - the original's name
     if context_templates is None:
         context_templates = get_context_templates(model, tok)
     context_templates = check_context_templates(context_templates)
-    z_layer = hparams.layers[-1]
+    solver = DenseSolver(P, cache_c, hparams.L2)
+    run_edit(model, tok, requests, hparams, context_templates, solver, cache_template=cache_template, **options)
+    require_finite(solver.new_cache, "updated cache_c")
+    return model, solver.new_cache
 
-    with frozen(model), restore_on_error([m.weight for m in modules]):
-        zs = torch.stack([
-            load_or_compute_z(model, tok, r, hparams, context_templates, cache_template).float().cpu()
-            for r in requests
-        ], dim=1)  # (d_model, n)
-        require_finite(zs, "target values z")
-        for i, (layer, module) in enumerate(zip(hparams.layers, modules)):
-            device = module.weight.device
-            keys = compute_ks(model, tok, requests, hparams, layer, context_templates).T.to(device)
-            cur_zs = get_module_input_output_at_words(
-                model, tok, z_layer, [r["prompt"] for r in requests], [r["subject"] for r in requests],
-                hparams.layer_module_tmp, hparams.fact_token,
-            )[1].T.float().to(device)
-            resid = (zs.to(device) - cur_zs) / (n_layers - i)
-            upd = dense_update(P[i].to(device), keys, cache_c[i].to(device), resid, hparams.L2)
-            require_finite(upd, f"weight update of layer {layer}")
-            log.info("layer %d: |W| %.4g, |dW| %.4g", layer, module.weight.norm(), upd.norm())
-            with torch.no_grad():
-                module.weight.add_((upd if stores_keys_first(module) else upd.T).to(module.weight.dtype))
 
-        new_cache = cache_c.clone()
-        for i, layer in enumerate(hparams.layers):
-            keys = compute_ks(model, tok, requests, hparams, layer, context_templates).T
-            new_cache[i] += (keys @ keys.T).to(new_cache.device, new_cache.dtype)
-        require_finite(new_cache, "updated cache_c")
-    return model, new_cache
+class AlphaEditor:
+    """Sequential AlphaEdit on one model: keeps each layer's factored projector U (d_k, r) and
+    projected cache U^T C U (r, r) on that layer's device, and solves in the null space.
+
+    projector: per-layer bases U (a list of (d_k, r) tensors, e.g. from `nullspace_basis`), or
+    dense P (len(layers), d_k, d_k) as the original uses (factored once here), or None for no
+    constraint (U = I). cache_c: optional dense (len(layers), d_k, d_k) starting cache.
+    solver: "auto" (Woodbury when keys are few against r, else Cholesky), "cholesky", "woodbury".
+    """
+
+    def __init__(self, model, tok, hparams, projector=None, cache_c: torch.Tensor | None = None,
+                 context_templates: list[list[str]] | None = None, solver: str = "auto",
+                 solve_dtype: torch.dtype = torch.float32, z_batch_size: int | None = None, progress: bool = False):
+        self.model, self.tok, self.hparams = model, tok, as_hparams(hparams)
+        self.modules = check_model(model, self.hparams)
+        d_k, n_layers = key_width(self.modules[0]), len(self.hparams.layers)
+        devices = [m.weight.device for m in self.modules]
+        bases = self._bases(projector, n_layers, d_k)
+        bases = [u.to(device, solve_dtype) for u, device in zip(bases, devices)]
+        cache_proj = None
+        if cache_c is not None:
+            cache_c = layer_stack(cache_c, n_layers, d_k, "cache_c", "zeros")
+            cache_proj = [u.T @ c.to(u.device, u.dtype) @ u for u, c in zip(bases, cache_c)]
+        self.solver = ProjectedSolver(bases, self.hparams.L2, solver, solve_dtype, cache_proj)
+        self.context_templates = check_context_templates(
+            context_templates if context_templates is not None else get_context_templates(model, tok))
+        self.z_batch_size, self.progress = z_batch_size, progress
+        self.num_edits = 0
+
+    @staticmethod
+    def _bases(projector, n_layers: int, d_k: int) -> list[torch.Tensor]:
+        if projector is None:
+            warnings.warn("projector=None: editing without a null-space constraint (U = I)", stacklevel=3)
+            return [torch.eye(d_k)] * n_layers
+        if isinstance(projector, torch.Tensor) and projector.ndim == 3:
+            dense = layer_stack(projector, n_layers, d_k, "P", "identity")
+            return [basis_from_projector(p) for p in dense]
+        bases = list(projector)
+        if len(bases) != n_layers or any(u.ndim != 2 or u.shape[0] != d_k for u in bases):
+            raise ShapeError(f"projector must be {n_layers} bases of shape (d_k={d_k}, r) or dense "
+                             f"P of shape {(n_layers, d_k, d_k)}")
+        for u in bases:
+            require_finite(u, "projector basis")
+        return bases
+
+    def edit(self, requests: Sequence[dict], cache_template: str | None = None) -> dict[str, float]:
+        """Apply one batch of edits in place; returns the seconds spent per phase."""
+        requests = normalize_requests(requests)
+        timings: dict[str, float] = {}
+        run_edit(self.model, self.tok, requests, self.hparams, self.context_templates, self.solver,
+                 cache_template=cache_template, z_batch_size=self.z_batch_size, progress=self.progress,
+                 timings=timings)
+        self.num_edits += len(requests)
+        return timings
+
+    def dense_cache(self) -> torch.Tensor:
+        """U Cp U^T per layer (len(layers), d_k, d_k) on the CPU: a cache_c for the original API
+        that gives the same future updates (only its null-space part ever matters)."""
+        return torch.stack([(u @ cp @ u.T).float().cpu() for u, cp in zip(self.solver.bases, self.solver.cache_proj)])

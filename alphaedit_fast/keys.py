@@ -63,3 +63,41 @@ def compute_ks(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, 
         model, tok, layer, templates, words, hparams.rewrite_module_tmp, hparams.fact_token
     )
     return average_over_templates(reprs, context_templates)
+
+
+def compute_keys(model, tok, requests, hparams: AlphaEditHyperParams, layers, context_templates,
+                 with_z_output: bool = False, batch_size: int = MICRO_BATCH
+                 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Keys of several layers, and optionally block L's output at the plain prompts, in one pass.
+
+    Returns ([(n, d_k) fp32 per layer], (n, d_model) fp32 or None). Valid while the model does
+    not change between the layers read: after an edit, or for one layer at a time during it.
+    Each forward stops after the deepest module read; gathers happen inside the hooks.
+    """
+    templates, words = request_texts(requests, context_templates)
+    per_request = len(templates) // len(requests)
+    flat = [ctx for group in context_templates for ctx in group]
+    plain_rows = [i * per_request + flat.index("{}") for i in range(len(requests))] if "{}" in flat else None
+    if with_z_output and plain_rows is None:  # read the plain prompts in the same pass
+        plain_rows = list(range(len(templates), len(templates) + len(requests)))
+        templates = templates + [r["prompt"] for r in requests]
+        words = words + [r["subject"] for r in requests]
+    positions = lookup_positions(tok, templates, words, hparams.fact_token)
+    texts = [t.format(w) for t, w in zip(templates, words)]
+    module_names = [hparams.rewrite_module_tmp.format(layer) for layer in layers]
+    z_block = [hparams.layer_module_tmp.format(hparams.layers[-1])] if with_z_output else []
+    device = model.get_input_embeddings().weight.device
+    inputs = {name: [] for name in module_names}
+    outputs = []
+    for start in range(0, len(texts), batch_size):
+        input_ids, mask = encode_batch(tok, texts[start : start + batch_size], device)
+        pos = absolute_positions(positions[start : start + batch_size], mask)
+        got_in, got_out = capture_at_positions(model, input_ids, mask, pos, inputs_of=module_names, outputs_of=z_block)
+        for name in module_names:
+            inputs[name].append(got_in[name])
+        if z_block:
+            outputs.append(got_out[z_block[0]])
+    n_context = len(requests) * per_request
+    keys = [average_over_templates(torch.cat(inputs[name])[:n_context], context_templates) for name in module_names]
+    z_out = torch.cat(outputs)[plain_rows].float() if with_z_output else None
+    return keys, z_out

@@ -29,3 +29,13 @@ def nullspace_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
     """P = U0 U0^T (d, d) in cov's dtype: what the original's `get_project` returns for `cov`."""
     basis = _basis_fp64(cov, threshold)
     return (basis @ basis.T).to(cov.dtype)
+
+
+def basis_from_projector(P: torch.Tensor) -> torch.Tensor:
+    """U (d, r) with U U^T = P for a dense orthogonal projector P (d, d), in P's dtype."""
+    if P.ndim != 2 or P.shape[0] != P.shape[1]:
+        raise ShapeError(f"projector must be a square (d, d) matrix, got shape {tuple(P.shape)}")
+    require_finite(P, "projector P")
+    sym = P.to(torch.float64)
+    evals, evecs = torch.linalg.eigh((sym + sym.T) / 2)
+    return evecs[:, evals > 0.5].to(P.dtype)

@@ -194,19 +194,19 @@ test_hparams_for_layers.__test__ = False
 
 
 def test_failure_mid_edit_restores_every_weight(monkeypatch, requests_):
-    from alphaedit_fast import editor
+    from alphaedit_fast import solve
     from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
 
     model, tok = tiny_model("gpt2"), tiny_tokenizer_for("gpt2")
     hparams = test_hparams(model)
-    real_update, calls = editor.dense_update, []
+    real_update, calls = solve.dense_update, []
 
     def update_then_nan(*args, **kwargs):
         calls.append(1)
         upd = real_update(*args, **kwargs)
         return upd if len(calls) == 1 else upd * float("nan")  # the second layer's solve fails
 
-    monkeypatch.setattr(editor, "dense_update", update_then_nan)
+    monkeypatch.setattr(solve, "dense_update", update_then_nan)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(NonFiniteError, match="layer 2"):
         apply_AlphaEdit_to_model(model, tok, requests_, hparams, P=identity_projector(hparams),
