@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import time
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from .projector import basis_from_projector
 from .requests import normalize_requests
 from .solve import DenseSolver, ProjectedSolver
 from .templates import get_context_templates
+from .timing import Phases
 from .values import compute_zs
 
 log = logging.getLogger(__name__)
@@ -118,24 +117,6 @@ def save_npz_atomically(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
-class _Phases:
-    """Wall time per phase (GPU work included: synchronised at each boundary)."""
-
-    def __init__(self, model, sink: dict[str, float] | None):
-        self.sink = sink if sink is not None else {}
-        self.cuda = model.get_input_embeddings().weight.device.type == "cuda"
-
-    @contextmanager
-    def __call__(self, name: str):
-        if self.cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        yield
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.sink[name] = self.sink.get(name, 0.0) + time.perf_counter() - start
-
-
 def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templates, solver, *,
              cache_template: str | None = None, z_batch_size: int | None = None, progress: bool = False,
              timings: dict[str, float] | None = None) -> dict[int, torch.Tensor]:
@@ -147,7 +128,7 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
     """
     modules = check_model(model, hparams)
     n_layers = len(hparams.layers)
-    phase = _Phases(model, timings)
+    phase = Phases(model.get_input_embeddings().weight.device, timings)
     updates = {}
     with frozen(model), restore_on_error([m.weight for m in modules]):
         with phase("z"):

@@ -13,6 +13,7 @@ from ..hparams import AlphaEditHyperParams
 from ..modelstate import frozen
 from ..positions import absolute_positions, encode_batch, lookup_positions
 from ..requests import normalize_request, target_token_ids
+from ..timing import Phases
 from ..trace import hidden_of, hooks, input_of, with_hidden
 
 log = logging.getLogger(__name__)
@@ -153,41 +154,47 @@ def compute_z_ref(model, tok, request, hparams: AlphaEditHyperParams, layer: int
 
 def apply_alphaedit_ref(
     model, tok, requests, hparams: AlphaEditHyperParams, context_templates,
-    P: torch.Tensor, cache_c: torch.Tensor,
+    P: torch.Tensor, cache_c: torch.Tensor, timings: dict[str, float] | None = None,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Edit `model` in place (DESIGN steps 3-5). P, cache_c: (len(layers), d_k, d_k).
 
-    Returns ({layer: weight update, shaped like the weight}, new cache_c on cache_c's device).
+    Returns ({layer: weight update, shaped like the weight}, new cache_c on cache_c's device);
+    `timings` receives the seconds per phase.
     """
+    phase = Phases(model.get_input_embeddings().weight.device, timings)
     requests = [normalize_request(r, i) for i, r in enumerate(requests)]
     z_layer = hparams.layers[-1]
-    zs = torch.stack(
-        [compute_z_ref(model, tok, r, hparams, z_layer, context_templates) for r in requests], dim=1
-    ).float()  # (d_model, n)
+    with phase("z"):
+        zs = torch.stack(
+            [compute_z_ref(model, tok, r, hparams, z_layer, context_templates) for r in requests], dim=1
+        ).float()  # (d_model, n)
     prompts = [r["prompt"] for r in requests]
     subjects = [r["subject"] for r in requests]
     updates = {}
     for i, layer in enumerate(hparams.layers):
         module = get_module(model, hparams.rewrite_module_tmp.format(layer))
         device = module.weight.device
-        keys = compute_ks_ref(model, tok, requests, hparams, layer, context_templates).T.to(device)
-        cur_zs = module_reprs_at_words_ref(
-            model, tok, prompts, subjects, hparams.layer_module_tmp.format(z_layer), hparams.fact_token, "out"
-        ).T.float().to(device)
-        resid = (zs.to(device) - cur_zs) / (len(hparams.layers) - i)
-        proj = P[i].to(device, torch.float32)
-        cache = cache_c[i].to(device, torch.float32)
-        lhs = proj @ (keys @ keys.T + cache) + hparams.L2 * torch.eye(keys.shape[0], device=device)
-        upd = torch.linalg.solve(lhs, proj @ keys @ resid.T)  # (d_k, d_model)
-        if not stores_keys_first(module):
-            upd = upd.T
-        with torch.no_grad():
-            module.weight.add_(upd.to(module.weight.dtype))
+        with phase("keys"):
+            keys = compute_ks_ref(model, tok, requests, hparams, layer, context_templates).T.to(device)
+            cur_zs = module_reprs_at_words_ref(
+                model, tok, prompts, subjects, hparams.layer_module_tmp.format(z_layer), hparams.fact_token, "out"
+            ).T.float().to(device)
+        with phase("solve"):
+            resid = (zs.to(device) - cur_zs) / (len(hparams.layers) - i)
+            proj = P[i].to(device, torch.float32)
+            cache = cache_c[i].to(device, torch.float32)
+            lhs = proj @ (keys @ keys.T + cache) + hparams.L2 * torch.eye(keys.shape[0], device=device)
+            upd = torch.linalg.solve(lhs, proj @ keys @ resid.T)  # (d_k, d_model)
+            if not stores_keys_first(module):
+                upd = upd.T
+            with torch.no_grad():
+                module.weight.add_(upd.to(module.weight.dtype))
         updates[layer] = upd
     new_cache = cache_c.clone()
-    for i, layer in enumerate(hparams.layers):
-        keys = compute_ks_ref(model, tok, requests, hparams, layer, context_templates).T
-        new_cache[i] += (keys @ keys.T).to(new_cache.device, new_cache.dtype)
+    with phase("cache update"):
+        for i, layer in enumerate(hparams.layers):
+            keys = compute_ks_ref(model, tok, requests, hparams, layer, context_templates).T
+            new_cache[i] += (keys @ keys.T).to(new_cache.device, new_cache.dtype)
     return updates, new_cache
 
 
