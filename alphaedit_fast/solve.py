@@ -46,20 +46,24 @@ def projected_update(basis: torch.Tensor, cache_proj: torch.Tensor, keys: torch.
     system = cache_proj + projected_keys @ projected_keys.T
     system.diagonal().add_(l2)
     factor = _cholesky(system, "the projected system U^T (K K^T + C) U + l2 I")
-    return basis @ torch.cholesky_solve(projected_keys @ resid.T, factor)
+    # (U S^-1 B) R^T: n right-hand sides and a rank-n product instead of d_model of each
+    return (basis @ torch.cholesky_solve(projected_keys, factor)) @ resid.T
 
 
 def woodbury_update(basis: torch.Tensor, inv_m: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
     """The same Delta from M^-1 = (Cp + l2 I)^-1 (r, r): U M^-1 B (I_n + B^T M^-1 B)^-1 R^T.
 
-    O(r^2 n + n^3) instead of O(r^3): worth it when n keys << r null-space dimensions.
+    O(r^2 n + n^3) instead of O(r^3): worth it when n keys << r null-space dimensions. The
+    r x n part runs in inv_m's dtype (fp64 keeps the maintained inverse accurate), the
+    d_k-sized products in the basis dtype.
     """
-    projected_keys = basis.T @ keys
+    projected_keys = (basis.T @ keys).to(inv_m.dtype)
     m_inv_b = inv_m @ projected_keys
     small = projected_keys.T @ m_inv_b
     small.diagonal().add_(1.0)
     factor = _cholesky(small, "the Woodbury system I + B^T M^-1 B")
-    return basis @ (m_inv_b @ torch.cholesky_solve(resid.T, factor))
+    solved = (m_inv_b @ torch.cholesky_inverse(factor)).to(basis.dtype)
+    return (basis @ solved) @ resid.T
 
 
 def woodbury_absorb(inv_m: torch.Tensor, projected_keys: torch.Tensor) -> torch.Tensor:
@@ -122,10 +126,10 @@ class ProjectedSolver:
         basis = self.bases[index]
         if basis.shape[1] == 0:
             return keys.new_zeros(keys.shape[0], resid.shape[0])
+        keys, resid = keys.to(self.dtype), resid.to(self.dtype)
         if self.choose(index, keys.shape[1]) == "woodbury":
-            inv_m = self._inverse(index)
-            return woodbury_update(basis.to(inv_m.dtype), inv_m, keys.to(inv_m.dtype), resid.to(inv_m.dtype))
-        return projected_update(basis, self.cache_proj[index], keys.to(self.dtype), resid.to(self.dtype), self.l2)
+            return woodbury_update(basis, self._inverse(index), keys, resid)
+        return projected_update(basis, self.cache_proj[index], keys, resid, self.l2)
 
     def absorb(self, keys_per_layer: list[torch.Tensor]) -> None:
         """Cp += (U^T K)(U^T K)^T for each layer; the maintained inverses follow by Woodbury.

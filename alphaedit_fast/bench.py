@@ -1,0 +1,171 @@
+"""Editing throughput: the reference path against the fast path, per phase, on random models.
+
+`alphaedit-fast bench` runs this and writes `benchmarks/results/*.json` (medians over repeats,
+ratios measured in the same run, with the machine, versions and date).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import itertools
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .arch import get_module, key_width
+from .editor import AlphaEditor
+from .hparams import AlphaEditHyperParams
+from .projector import nullspace_basis
+from .reference import apply_alphaedit_ref
+from .solve import ProjectedSolver, dense_update, woodbury_absorb
+from .tiny import tiny_model, tiny_tokenizer_for
+
+# name -> (family, config overrides, edited layers)
+SHAPES: dict[str, tuple[str, dict, list[int]]] = {
+    "a-gpt2-6x128": ("gpt2", dict(n_layer=6, n_embd=128, n_inner=512, n_head=4, vocab_size=50257), [2, 3, 4]),
+    "b-gpt2-small": ("gpt2", dict(n_layer=12, n_embd=768, n_inner=3072, n_head=12, vocab_size=50257),
+                     [3, 4, 5, 6, 7]),
+    "c-llama-8x512": ("llama", dict(num_hidden_layers=8, hidden_size=512, intermediate_size=1376,
+                                    num_attention_heads=8, num_key_value_heads=4, vocab_size=32000), [2, 3, 4]),
+    "llama3-8b": ("llama", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
+                                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                rope_theta=500000.0), [4, 5, 6, 7, 8]),
+}
+CONTEXT_TEMPLATES = [["{}"], ["The first thing. {}", "Therefore it is. {}", "Because of this. {}",
+                              "I think that. {}", "You know what. {}"]]
+_SUBJECTS = ["Danielle Darrieux", "Toko Yasuda", "Michel Denisot", "Pervez Musharraf", "Edwin of Northumbria",
+             "Thomas Joannes Stieltjes", "Anaal Nathrakh", "Apple A5"]
+_PROMPTS = ["The mother tongue of {} is", "{} plays the", "{} works for", "{} is a citizen of", "{} was born in"]
+_TARGETS = ["English", "piano", "Google", "Sweden", "Paris", "French", "violin", "London"]
+
+
+def synthetic_requests(n: int) -> list[dict]:
+    """n distinct requests built from a few subjects, prompts and targets."""
+    combos = itertools.islice(itertools.product(_PROMPTS, _SUBJECTS), n)
+    return [{"case_id": i, "prompt": p, "subject": s + ("" if i < 40 else f" {i}"),
+             "target_new": {"str": _TARGETS[i % len(_TARGETS)]}} for i, (p, s) in enumerate(combos)]
+
+
+def bench_model(shape: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    family, overrides, layers = SHAPES[shape]
+    model = tiny_model(family, initializer_range=0.02, dtype=dtype, **overrides).to(device)
+    hparams = AlphaEditHyperParams.for_model(model, layers=layers, v_num_grad_steps=20)
+    return model, tiny_tokenizer_for(family), hparams
+
+
+def random_bases(n_layers: int, d_k: int, device, null_fraction: float = 0.5, seed: int = 0) -> list[torch.Tensor]:
+    """Null-space bases of rank-deficient random covariances: r = null_fraction * d_k."""
+    gen = torch.Generator().manual_seed(seed)
+    rank = d_k - int(null_fraction * d_k)
+    bases = []
+    for _ in range(n_layers):
+        x = torch.randn(max(rank, 1), d_k, generator=gen)
+        bases.append(nullspace_basis(x.T @ x / max(rank, 1), 1e-3).to(device))
+    return bases
+
+
+def _median_phases(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def bench_edit(shape: str, n_edits: int, repeats: int = 3, paths=("reference", "fast"), device: str = "cpu",
+               dtype: torch.dtype = torch.float32, null_fraction: float = 0.5) -> dict:
+    """Median seconds per phase of one batch of `n_edits` edits, for each path, on fresh model copies."""
+    model, tok, hparams = bench_model(shape, device, dtype)
+    d_k = key_width(get_module(model, hparams.rewrite_module_tmp.format(hparams.layers[0])))
+    bases = random_bases(len(hparams.layers), d_k, device, null_fraction)
+    requests = synthetic_requests(n_edits)
+    result = {"shape": shape, "edits": n_edits, "repeats": repeats, "d_k": d_k, "null_dim": bases[0].shape[1],
+              "layers": hparams.layers, "dtype": str(dtype), "device": device, "paths": {}}
+    for path in paths:
+        runs = []
+        for _ in range(repeats):
+            work = copy.deepcopy(model)
+            timings: dict[str, float] = {}
+            start = time.perf_counter()
+            if path == "reference":
+                P = torch.stack([u @ u.T for u in bases]).cpu()
+                apply_alphaedit_ref(work, tok, requests, hparams, CONTEXT_TEMPLATES, P,
+                                    torch.zeros(len(hparams.layers), d_k, d_k), timings=timings)
+            else:
+                editor = AlphaEditor(work, tok, hparams, projector=bases, context_templates=CONTEXT_TEMPLATES)
+                timings = editor.edit(requests)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            timings["total"] = time.perf_counter() - start
+            runs.append(timings)
+            del work
+        med = _median_phases(runs)
+        med["edits_per_s"] = n_edits / med["total"]
+        result["paths"][path] = med
+    if "reference" in result["paths"] and "fast" in result["paths"]:
+        ref, fast = result["paths"]["reference"], result["paths"]["fast"]
+        result["speedup"] = {k: ref[k] / fast[k] for k in ("z", "keys", "solve", "cache update", "total")}
+    return result
+
+
+def bench_solve(d_k: int = 3072, d_model: int = 768, n_edits: int = 100, null_fraction: float = 0.5,
+                repeats: int = 5, device: str = "cpu") -> dict:
+    """One layer's solve: the original's dense form against the projected Cholesky and Woodbury."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(d_k, n_edits, generator=gen).to(device)
+    resid = torch.randn(d_model, n_edits, generator=gen).to(device)
+    x = torch.randn(d_k // 2, d_k, generator=gen)
+    cache = (x.T @ x / d_k).to(device)
+    basis = random_bases(1, d_k, device, null_fraction)[0]
+    P = basis @ basis.T
+
+    def timed(fn):
+        times = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), out
+
+    t_dense, dense = timed(lambda: dense_update(P, keys, cache, resid, 10.0))
+    result = {"d_k": d_k, "d_model": d_model, "edits": n_edits, "null_dim": basis.shape[1], "repeats": repeats,
+              "device": device, "seconds": {"dense": t_dense}, "max_rel_diff_vs_dense": {}}
+    for method in ("cholesky", "woodbury"):
+        solver = ProjectedSolver([basis], 10.0, method, cache_proj=[basis.T @ cache @ basis])
+        solver.update(0, keys, resid)  # Woodbury's (Cp + l2 I)^-1 is kept across batches: built once here
+        seconds, out = timed(lambda s=solver: s.update(0, keys, resid))
+        result["seconds"][method] = seconds
+        result["max_rel_diff_vs_dense"][method] = ((out - dense).norm() / dense.norm()).item()
+    # Woodbury keeps (Cp + l2 I)^-1 up to date: its per-batch price is this rank-n absorb.
+    inv_m = solver._inverse(0)
+    result["seconds"]["woodbury_absorb"], _ = timed(lambda: woodbury_absorb(inv_m, (basis.T @ keys).double()))
+    result["speedup"] = {m: t_dense / result["seconds"][m] for m in ("cholesky", "woodbury")}
+    result["speedup"]["woodbury_with_absorb"] = t_dense / (result["seconds"]["woodbury"]
+                                                           + result["seconds"]["woodbury_absorb"])
+    return result
+
+
+def write_results(name: str, payload: dict, out_dir: str | Path = "benchmarks/results") -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    return path
