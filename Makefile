@@ -8,7 +8,7 @@ COMPAT_VENV ?= .venv-tf446
 COMPAT_TRANSFORMERS ?= transformers==4.46.*
 ENGINE_TESTS := tests/test_engine.py tests/test_positions.py tests/test_arch.py tests/test_templates.py
 
-.PHONY: install demo test lint test-compat ci clean
+.PHONY: install demo test lint bench test-compat ci clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Benchmarks (CPU): the pytest-benchmark suites, then `alphaedit-fast bench` on shapes (a)-(c)
+# and the solve at d_k = 3072; JSON lands in benchmarks/results/.
+bench: install
+	$(BIN)/python -m pytest -q benchmarks --benchmark-json=benchmarks/results/pytest-benchmark.json
+	$(BIN)/alphaedit-fast bench --shape a-gpt2-6x128 --edits 32 --repeats 3 --solve
+	$(BIN)/alphaedit-fast bench --shape b-gpt2-small --edits 8 --repeats 3
+	$(BIN)/alphaedit-fast bench --shape c-llama-8x512 --edits 16 --repeats 3
 
 lint: install
 	$(BIN)/ruff check alphaedit_fast kernels tests benchmarks setup.py

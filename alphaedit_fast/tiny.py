@@ -85,8 +85,10 @@ def tiny_tokenizer(add_bos: bool = False, padding_side: str = "right", vocab_siz
 
 
 def tiny_model(family: str, vocab_size: int = 512, seed: int = 0, dtype: torch.dtype = torch.float32,
-               **overrides) -> torch.nn.Module:
-    """A random-initialised causal LM of `family` (4 layers, width 64, MLP 160), in eval mode."""
+               device: str | torch.device = "cpu", **overrides) -> torch.nn.Module:
+    """A random-initialised causal LM of `family` (4 layers, width 64, MLP 160 unless
+    overridden), in eval mode, built directly on `device` in `dtype`."""
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {**FAMILY_CONFIGS[family], "vocab_size": vocab_size, **overrides}
@@ -96,7 +98,9 @@ def tiny_model(family: str, vocab_size: int = 512, seed: int = 0, dtype: torch.d
     kwargs.setdefault("pad_token_id", kwargs["eos_token_id"])
     config = AutoConfig.for_model(family, **kwargs)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, **{dtype_kwarg: dtype}).eval()
 
 
 def tiny_tokenizer_for(family: str, padding_side: str = "right"):
