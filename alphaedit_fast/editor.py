@@ -6,6 +6,7 @@ import logging
 import os
 import tempfile
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from .modelstate import frozen, restore_on_error
 from .positions import split_template
 from .projector import basis_from_projector
 from .requests import normalize_requests
-from .solve import DenseSolver, ProjectedSolver
+from .solve import DenseSolver, FactoredDenseSolver, ProjectedSolver
 from .templates import get_context_templates
 from .timing import Phases
 from .values import compute_zs
@@ -153,15 +154,42 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
     return updates
 
 
+# id(P) -> (weak reference to P, P's in-place version, bases); tensors cannot be dict keys by value
+_FACTORED: dict[int, tuple[weakref.ref, int, list[torch.Tensor] | None]] = {}
+
+
+def factored_projector(P: torch.Tensor, devices: list[torch.device]) -> list[torch.Tensor] | None:
+    """U per layer with U U^T = P[i], on each layer's device, or None if some P[i] is not an
+    orthogonal projector. Cached per P tensor (and its in-place version): sequential calls with
+    the same P factor it once."""
+    ref, version, cached = _FACTORED.get(id(P), (None, None, None))
+    if ref is not None and ref() is P and version == P._version:
+        return cached
+    bases: list[torch.Tensor] | None = []
+    for layer_P, device in zip(P, devices):
+        # fp64 on the CPU; on a GPU fp32 suffices: a projector's eigenvalues are 0 or 1, far apart
+        work = layer_P.to(device, torch.float32 if device.type == "cuda" else torch.float64)
+        basis = basis_from_projector(work, tolerance=1e-3)
+        if basis is None:
+            bases = None
+            break
+        bases.append(basis.float())
+    key = id(P)
+    _FACTORED[key] = (weakref.ref(P, lambda _: _FACTORED.pop(key, None)), P._version, bases)
+    return bases
+
+
 def apply_AlphaEdit_to_model(  # noqa: N802 - the original's name
     model, tok, requests: Sequence[dict], hparams, cache_template: str | None = None,
     cache_c: torch.Tensor | None = None, P: torch.Tensor | None = None,
-    context_templates: list[list[str]] | None = None, **options,
+    context_templates: list[list[str]] | None = None, solver: str = "auto", **options,
 ) -> tuple[torch.nn.Module, torch.Tensor]:
     """Edit `model` in place with AlphaEdit; returns (model, updated cache_c).
 
     P, cache_c: (len(layers), d_k, d_k), as the original expects (P=None: no null-space
-    constraint; cache_c=None: zeros); solved in the original's dense form. Neither they nor
+    constraint; cache_c=None: zeros). `solver="auto"` solves in the null space when P is an
+    orthogonal projector (as the original's always is; its factors are cached per P), else in the
+    original's dense form, which `solver="dense"` forces. Neither they nor
     `requests` are modified: the new cache is returned. Everything is validated before the first
     weight changes, and if anything fails part-way every weight is restored. `options`:
     z_batch_size, progress, timings (see `run_edit`). For many sequential batches use
@@ -171,15 +199,23 @@ def apply_AlphaEdit_to_model(  # noqa: N802 - the original's name
     requests = normalize_requests(requests)
     modules = check_model(model, hparams)
     d_k, n_layers = key_width(modules[0]), len(hparams.layers)
-    P = layer_stack(P, n_layers, d_k, "P", "identity")
+    constrained = P is not None
+    P = layer_stack(P, n_layers, d_k, "P", "identity")  # the caller's tensor itself when valid
     cache_c = layer_stack(cache_c, n_layers, d_k, "cache_c", "zeros")
     if context_templates is None:
         context_templates = get_context_templates(model, tok)
     context_templates = check_context_templates(context_templates)
-    solver = DenseSolver(P, cache_c, hparams.L2)
-    run_edit(model, tok, requests, hparams, context_templates, solver, cache_template=cache_template, **options)
-    require_finite(solver.new_cache, "updated cache_c")
-    return model, solver.new_cache
+    if solver not in ("auto", "dense"):
+        raise ValueError(f"solver must be 'auto' or 'dense', got {solver!r}")
+    bases = None
+    if solver == "auto" and constrained:
+        bases = factored_projector(P, [m.weight.device for m in modules])
+    layer_solver = (DenseSolver(P, cache_c, hparams.L2) if bases is None
+                    else FactoredDenseSolver(bases, P, cache_c, hparams.L2))
+    run_edit(model, tok, requests, hparams, context_templates, layer_solver, cache_template=cache_template,
+             **options)
+    require_finite(layer_solver.new_cache, "updated cache_c")
+    return model, layer_solver.new_cache
 
 
 class AlphaEditor:

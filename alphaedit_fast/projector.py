@@ -31,11 +31,17 @@ def nullspace_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
     return (basis @ basis.T).to(cov.dtype)
 
 
-def basis_from_projector(P: torch.Tensor) -> torch.Tensor:
-    """U (d, r) with U U^T = P for a dense orthogonal projector P (d, d), in P's dtype."""
+def basis_from_projector(P: torch.Tensor, tolerance: float | None = None) -> torch.Tensor | None:
+    """U (d, r) with U U^T = P for a dense orthogonal projector P (d, d), in P's dtype.
+
+    With `tolerance`, returns None unless every eigenvalue of P lies within `tolerance` of 0
+    or 1 (P is not a projector, so no basis reproduces it).
+    """
     if P.ndim != 2 or P.shape[0] != P.shape[1]:
         raise ShapeError(f"projector must be a square (d, d) matrix, got shape {tuple(P.shape)}")
     require_finite(P, "projector P")
     sym = P.to(torch.float64)
     evals, evecs = torch.linalg.eigh((sym + sym.T) / 2)
+    if tolerance is not None and not bool((torch.minimum(evals.abs(), (evals - 1).abs()) < tolerance).all()):
+        return None
     return evecs[:, evals > 0.5].to(P.dtype)

@@ -94,6 +94,22 @@ class DenseSolver:
         self.new_cache = new_cache
 
 
+class FactoredDenseSolver(DenseSolver):
+    """Dense P and cache_c in and out (the original API), solved in the null space: with
+    P = U U^T, only U^T C U (r, r) enters the solve, never the d_k x d_k system."""
+
+    def __init__(self, bases: list[torch.Tensor], P: torch.Tensor, cache_c: torch.Tensor, l2: float):
+        super().__init__(P, cache_c, l2)
+        self.bases = bases
+
+    def update(self, index: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        basis = self.bases[index].to(keys.device, torch.float32)
+        if basis.shape[1] == 0:
+            return keys.new_zeros(keys.shape[0], resid.shape[0])
+        cache = self.cache_c[index].to(keys.device, torch.float32)
+        return projected_update(basis, basis.T @ cache @ basis, keys.float(), resid.float(), self.l2)
+
+
 class ProjectedSolver:
     """Per-layer factored projector U (d_k, r) and projected cache Cp (r, r), kept on each
     layer's device; solves by Cholesky or Woodbury (`method`, "auto" picks by n vs r)."""

@@ -13,3 +13,17 @@ def test_cli_demo_and_version(capsys):
     assert main(["version"]) == 0
     out = capsys.readouterr().out
     assert "edits in" in out and "alphaedit_fast 0.1.0" in out
+
+
+def test_cli_bench_writes_results(tmp_path, capsys):
+    import json
+
+    assert main(["bench", "--shape", "a-gpt2-6x128", "--edits", "2", "--repeats", "1", "--solve",
+                 "--solve-dk", "96", "--solve-edits", "8", "--out", str(tmp_path)]) == 0
+    edit = json.loads((tmp_path / "edit-a-gpt2-6x128-2-cpu.json").read_text())
+    assert set(edit["paths"]) == {"reference", "fast"} and edit["speedup"]["total"] > 0
+    assert {"z", "keys", "solve", "cache update", "total", "edits_per_s"} <= set(edit["paths"]["fast"])
+    assert "torch" in edit["machine"] and "date" in edit["machine"]
+    solve = json.loads((tmp_path / "solve-dk96-8-cpu.json").read_text())
+    assert max(solve["max_rel_diff_vs_dense"].values()) < 1e-3
+    assert "speed-up" in capsys.readouterr().out

@@ -193,24 +193,25 @@ def test_hparams_for_layers(hparams, layers):
 test_hparams_for_layers.__test__ = False
 
 
-def test_failure_mid_edit_restores_every_weight(monkeypatch, requests_):
+@pytest.mark.parametrize("solver, solve_function", [("dense", "dense_update"), ("auto", "projected_update")])
+def test_failure_mid_edit_restores_every_weight(monkeypatch, requests_, solver, solve_function):
     from alphaedit_fast import solve
     from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
 
     model, tok = tiny_model("gpt2"), tiny_tokenizer_for("gpt2")
     hparams = test_hparams(model)
-    real_update, calls = solve.dense_update, []
+    real_update, calls = getattr(solve, solve_function), []
 
     def update_then_nan(*args, **kwargs):
         calls.append(1)
         upd = real_update(*args, **kwargs)
         return upd if len(calls) == 1 else upd * float("nan")  # the second layer's solve fails
 
-    monkeypatch.setattr(solve, "dense_update", update_then_nan)
+    monkeypatch.setattr(solve, solve_function, update_then_nan)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(NonFiniteError, match="layer 2"):
         apply_AlphaEdit_to_model(model, tok, requests_, hparams, P=identity_projector(hparams),
-                                 context_templates=CONTEXT_TEMPLATES)
+                                 context_templates=CONTEXT_TEMPLATES, solver=solver)
     assert len(calls) == 2
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
@@ -249,3 +250,42 @@ def test_one_token_subject_after_a_space_edits(family):
     for b, w, layer in zip(before, rewrite_weights(model, hparams), hparams.layers):
         assert updates[layer].norm() > 0
         assert ((w - b) - updates[layer]).norm() / updates[layer].norm() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_null_space_solve_of_the_original_api_matches_dense(family, requests_, monkeypatch):
+    """solver="auto" factors P = U U^T once per P and solves in the null space: same update
+    as the original's dense form."""
+    from alphaedit_fast import editor
+    from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
+
+    factorisations, factor = [], editor.basis_from_projector
+    monkeypatch.setattr(editor, "basis_from_projector", lambda *a, **k: factorisations.append(1) or factor(*a, **k))
+    model, tok = tiny_model(family), tiny_tokenizer_for(family)
+    hparams = test_hparams(model, L2=10.0)
+    P = random_projector(hparams)
+    dense_model = copy.deepcopy(model)
+    cache_auto = cache_dense = None
+    for batch in (requests_[:2], requests_[2:]):
+        _, cache_auto = apply_AlphaEdit_to_model(model, tok, batch, hparams, cache_c=cache_auto, P=P,
+                                                 context_templates=CONTEXT_TEMPLATES)
+        _, cache_dense = apply_AlphaEdit_to_model(dense_model, tok, batch, hparams, cache_c=cache_dense, P=P,
+                                                  context_templates=CONTEXT_TEMPLATES, solver="dense")
+    assert len(factorisations) == len(hparams.layers)  # once, not once per call
+    for a, b in zip(rewrite_weights(model, hparams), rewrite_weights(dense_model, hparams)):
+        assert (a - b).norm() / b.norm() < 1e-5
+    assert (cache_auto - cache_dense).norm() / cache_dense.norm() < 1e-5
+
+
+def test_a_non_projector_P_is_solved_densely(requests_):
+    from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
+
+    model, tok = tiny_model("qwen2"), tiny_tokenizer_for("qwen2")
+    hparams = test_hparams(model, L2=10.0)
+    P = 0.5 * identity_projector(hparams)  # not a projector: no basis reproduces it
+    dense_model = copy.deepcopy(model)
+    apply_AlphaEdit_to_model(model, tok, requests_, hparams, P=P, context_templates=CONTEXT_TEMPLATES)
+    apply_AlphaEdit_to_model(dense_model, tok, requests_, hparams, P=P, context_templates=CONTEXT_TEMPLATES,
+                             solver="dense")
+    for a, b in zip(rewrite_weights(model, hparams), rewrite_weights(dense_model, hparams)):
+        assert torch.equal(a, b)
