@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/alphaedit-fast bench --shape a-gpt2-6x128 --edits 32 --repeats 3 --solve
 	$(BIN)/alphaedit-fast bench --shape b-gpt2-small --edits 8 --repeats 3
 	$(BIN)/alphaedit-fast bench --shape c-llama-8x512 --edits 16 --repeats 3
+	$(BIN)/alphaedit-fast bench --ops
 
 lint: install
 	$(BIN)/ruff check alphaedit_fast kernels tests benchmarks setup.py

@@ -167,3 +167,69 @@ def write_results(name: str, payload: dict, out_dir: str | Path = "benchmarks/re
     path = out / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
     return path
+
+
+def _median_seconds(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up (autotuning, allocations)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_ops(device: str = "cpu", d: int = 14336, rows: int = 600, seq: int = 32, n_segments: int = 100,
+              dtype: torch.dtype = torch.bfloat16, repeats: int = 20) -> dict:
+    """GB/s of the hot ops per backend at Llama-3-8B key width (d_k = 14336): 100 requests x 6
+    templates rows of `seq` tokens. Bytes counted: what each op must read and write (the
+    second-moment update, a GEMM, is also reported in TFLOP/s)."""
+    from . import ops
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(rows, seq, d, generator=gen, device=device).to(dtype)
+    positions = torch.randint(0, seq, (rows,), generator=gen, device=device)
+    segments = torch.arange(rows, device=device) // max(rows // n_segments, 1) % n_segments
+    weights = torch.rand(rows, generator=gen, device=device)
+    delta = torch.randn(n_segments, d, generator=gen, device=device)
+    x = torch.randn(4096, 4096, generator=gen, device=device).to(dtype)
+    acc = torch.zeros(4096, 4096, device=device)
+    elt = hidden.element_size()
+    moved = {
+        "gather_segment_mean": rows * d * elt + n_segments * d * 4,
+        "add_at_positions": 2 * rows * seq * d * elt + rows * d * 4,
+        "second_moment_update_": x.numel() * elt + 2 * acc.numel() * 4,
+    }
+    calls = {
+        "gather_segment_mean": lambda: ops.gather_segment_mean(hidden, positions, segments, weights, n_segments),
+        "add_at_positions": lambda: ops.add_at_positions(hidden, positions, segments, delta),
+        "second_moment_update_": lambda: ops.second_moment_update_(acc, x),
+    }
+    backends = ["torch"] + (["ext"] if ops._ext_usable(hidden.device) else []) + \
+        (["triton"] if device == "cuda" and ops._triton_usable(hidden.device) else [])
+    result = {"device": device, "d": d, "rows": rows, "seq": seq, "dtype": str(dtype), "repeats": repeats,
+              "gb_per_s": {}, "seconds": {}}
+    previous = os.environ.get("ALPHAEDIT_BACKEND")
+    try:
+        for backend in backends:
+            os.environ["ALPHAEDIT_BACKEND"] = backend
+            for name, fn in calls.items():
+                if name == "second_moment_update_" and backend != "torch":
+                    continue  # one BLAS implementation for every backend
+                seconds = _median_seconds(fn, repeats, device)
+                result["seconds"][f"{name}/{backend}"] = seconds
+                result["gb_per_s"][f"{name}/{backend}"] = moved[name] / seconds / 1e9
+    finally:
+        if previous is None:
+            os.environ.pop("ALPHAEDIT_BACKEND", None)
+        else:
+            os.environ["ALPHAEDIT_BACKEND"] = previous
+    seconds = result["seconds"]["second_moment_update_/torch"]
+    result["second_moment_tflop_per_s"] = 2 * x.shape[0] * x.shape[1] ** 2 / seconds / 1e12
+    if device == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+    return result

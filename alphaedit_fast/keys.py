@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from .hparams import AlphaEditHyperParams
+from .ops import gather_segment_mean
 from .positions import absolute_positions, encode_batch, lookup_positions
-from .trace import capture_at_positions
+from .trace import capture_at_positions, hidden_of, read_modules
 
 MICRO_BATCH = 128
 
@@ -72,32 +74,56 @@ def compute_keys(model, tok, requests, hparams: AlphaEditHyperParams, layers, co
 
     Returns ([(n, d_k) fp32 per layer], (n, d_model) fp32 or None). Valid while the model does
     not change between the layers read: after an edit, or for one layer at a time during it.
-    Each forward stops after the deepest module read; gathers happen inside the hooks.
+    Each forward stops after the deepest module read; inside the hooks, `gather_segment_mean`
+    gathers the lookup positions and averages over context templates in one pass.
     """
     templates, words = request_texts(requests, context_templates)
-    per_request = len(templates) // len(requests)
+    n, per_request = len(requests), len(templates) // len(requests)
     flat = [ctx for group in context_templates for ctx in group]
-    plain_rows = [i * per_request + flat.index("{}") for i in range(len(requests))] if "{}" in flat else None
-    if with_z_output and plain_rows is None:  # read the plain prompts in the same pass
-        plain_rows = list(range(len(templates), len(templates) + len(requests)))
-        templates = templates + [r["prompt"] for r in requests]
-        words = words + [r["subject"] for r in requests]
+    group_weights = [1.0 / (len(group) * len(context_templates)) for group in context_templates for _ in group]
+    row_request = [i for i in range(n) for _ in range(per_request)]
+    row_weight = group_weights * n
+    plain_rows = [i * per_request + flat.index("{}") for i in range(n)] if "{}" in flat else None
+    if with_z_output and plain_rows is None:  # read the plain prompts in the same pass; they are no keys
+        plain_rows = list(range(len(templates), len(templates) + n))
+        templates, words = templates + [r["prompt"] for r in requests], words + [r["subject"] for r in requests]
+        row_request, row_weight = row_request + [0] * n, row_weight + [0.0] * n
     positions = lookup_positions(tok, templates, words, hparams.fact_token)
     texts = [t.format(w) for t, w in zip(templates, words)]
     module_names = [hparams.rewrite_module_tmp.format(layer) for layer in layers]
-    z_block = [hparams.layer_module_tmp.format(hparams.layers[-1])] if with_z_output else []
+    z_block = hparams.layer_module_tmp.format(hparams.layers[-1])
     device = model.get_input_embeddings().weight.device
-    inputs = {name: [] for name in module_names}
-    outputs = []
+    keys: dict[str, torch.Tensor] = {}
+    outputs: list[torch.Tensor] = []
     for start in range(0, len(texts), batch_size):
-        input_ids, mask = encode_batch(tok, texts[start : start + batch_size], device)
-        pos = absolute_positions(positions[start : start + batch_size], mask)
-        got_in, got_out = capture_at_positions(model, input_ids, mask, pos, inputs_of=module_names, outputs_of=z_block)
-        for name in module_names:
-            inputs[name].append(got_in[name])
-        if z_block:
-            outputs.append(got_out[z_block[0]])
-    n_context = len(requests) * per_request
-    keys = [average_over_templates(torch.cat(inputs[name])[:n_context], context_templates) for name in module_names]
+        stop = start + batch_size
+        input_ids, mask = encode_batch(tok, texts[start:stop], device)
+        part_keys, part_z = _read_batch(
+            model, input_ids, mask, absolute_positions(positions[start:stop], mask),
+            torch.tensor(row_request[start:stop], device=device), torch.tensor(row_weight[start:stop], device=device),
+            n, module_names, z_block if with_z_output else None)
+        for name, part in part_keys.items():
+            keys[name] = part if name not in keys else keys[name] + part
+        outputs += part_z
     z_out = torch.cat(outputs)[plain_rows].float() if with_z_output else None
-    return keys, z_out
+    return [keys[name] for name in module_names], z_out
+
+
+def _read_batch(model, input_ids, mask, positions, segment, weight, n: int, module_names, z_block: str | None
+                ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """One micro-batch: each module's template-averaged keys (n, d_k) and block L's output rows."""
+    keys: dict[str, torch.Tensor] = {}
+    outputs: list[torch.Tensor] = []
+
+    def read_keys(x, output, name):
+        keys[name] = gather_segment_mean(x, positions.to(x.device), segment.to(x.device), weight.to(x.device), n)
+
+    def read_z(x, output):
+        y = hidden_of(output)
+        outputs.append(y[torch.arange(len(positions), device=y.device), positions.to(y.device)])
+
+    readers = {name: functools.partial(read_keys, name=name) for name in module_names}
+    if z_block is not None:
+        readers[z_block] = read_z
+    read_modules(model, input_ids, mask, readers)
+    return keys, outputs

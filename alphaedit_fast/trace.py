@@ -55,6 +55,25 @@ def run_model(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: t
         return None
 
 
+def read_modules(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 readers: dict[str, Callable[[torch.Tensor, object], None]], stop_early: bool = True) -> None:
+    """One forward pass (no grad) calling `readers[name](module_input, module_output)` as each
+    named module runs; with `stop_early` the pass ends once every reader has been called."""
+    pending = set(readers)
+
+    def make_hook(name: str):
+        def hook(module, args, kwargs, output):
+            readers[name](input_of(args, kwargs), output)
+            pending.discard(name)
+            if stop_early and not pending:
+                raise StopForward
+
+        return hook
+
+    with torch.no_grad(), hooks(model, {name: make_hook(name) for name in readers}):
+        run_model(model, input_ids, attention_mask)
+
+
 def capture_at_positions(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -71,29 +90,21 @@ def capture_at_positions(
     With `stop_early` the forward pass ends as soon as every requested tensor is captured.
     """
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    wanted = len(set(inputs_of)) + len(set(outputs_of))
     captured_in: dict[str, torch.Tensor] = {}
     captured_out: dict[str, torch.Tensor] = {}
 
-    def maybe_stop():
-        if stop_early and len(captured_in) + len(captured_out) == wanted:
-            raise StopForward
-
-    def make_handler(name: str):
-        def handler(module, args, kwargs, output):
+    def make_reader(name: str):
+        def reader(x, output):
             if name in inputs_of:
-                x = input_of(args, kwargs)
-                captured_in[name] = x[rows, positions.to(x.device)].detach()
+                captured_in[name] = x[rows.to(x.device), positions.to(x.device)].detach()
             if name in outputs_of:
                 y = hidden_of(output)
-                captured_out[name] = y[rows, positions.to(y.device)].detach()
-            maybe_stop()
+                captured_out[name] = y[rows.to(y.device), positions.to(y.device)].detach()
 
-        return handler
+        return reader
 
     names = list(dict.fromkeys([*inputs_of, *outputs_of]))
-    with torch.no_grad(), hooks(model, {n: make_handler(n) for n in names}):
-        run_model(model, input_ids, attention_mask)
+    read_modules(model, input_ids, attention_mask, {n: make_reader(n) for n in names}, stop_early)
     return captured_in, captured_out
 
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .arch import get_module
 from .hparams import AlphaEditHyperParams
 from .modelstate import frozen
+from .ops import add_at_positions
 from .positions import absolute_positions, encode_batch, lookup_positions
 from .reference import compute_z_ref
 from .requests import normalize_requests, target_token_ids
@@ -185,9 +186,7 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
         active_delta = delta[active].clone().requires_grad_(True)
 
         def replay(rows_cached=rows_cached, positions=positions, row_request=row_request, d=active_delta):
-            at = torch.arange(len(positions), device=dev)
-            edited = (rows_cached[at, positions].float() + d[row_request]).to(rows_cached.dtype)
-            return rows_cached.index_put((at, positions), edited)
+            return add_at_positions(rows_cached, positions, row_request, d)
 
         with torch.enable_grad():
             h_loss, h_last = _run_blocks_after(model, hparams, layer, loss_layer, batch.input_ids[rows.to(device)],

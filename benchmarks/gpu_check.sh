@@ -15,3 +15,4 @@ timeout 330 python3 -m alphaedit_fast.cli bench --shape llama3-8b --edits 100 --
     --device cuda --dtype bfloat16 --solve --solve-dk 14336 --solve-edits 100 --out "$OUT" 2>&1 | tee "$OUT/bench-llama3-8b.txt"
 timeout 90 python3 -m alphaedit_fast.cli bench --shape b-gpt2-small --edits 32 --repeats 1 --device cuda \
     --out "$OUT" 2>&1 | tee "$OUT/bench-gpt2-small.txt"
+timeout 60 python3 -m alphaedit_fast.cli bench --ops --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench-ops.txt"

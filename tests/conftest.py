@@ -1,8 +1,15 @@
 import copy
+import os
 from pathlib import Path
 
-import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter; this must be set before
+# anything imports them (triton.jit picks interpreted or compiled at import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from alphaedit_fast import AlphaEditHyperParams
 from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
