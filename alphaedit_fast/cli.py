@@ -36,6 +36,57 @@ def run_bench(args) -> None:
               + " | speed-up " + ", ".join(f"{k} {v:.1f}x" for k, v in result["speedup"].items()) + f"\n  -> {path}")
 
 
+def run_stats(args) -> None:
+    import os
+
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .arch import detect
+    from .stats import collect_statistics
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = "cpu"
+    if world > 1 and not dist.is_initialized():  # launched by torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    model = model.to(device, getattr(torch, args.dtype))
+    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    layers = [int(x) for x in args.layers.split(",")]
+    stats = collect_statistics(
+        model, tok, args.corpus, layers, detect(model).rewrite_module_tmp, max_tokens=args.max_tokens,
+        max_length=args.max_length, batch_tokens=args.batch_tokens, precision=getattr(torch, args.precision),
+        checkpoint_dir=os.path.join(args.out, "checkpoints"), checkpoint_every=args.checkpoint_every,
+        text_field=args.text_field)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        path = stats.save(os.path.join(args.out, "key-stats.safetensors"))
+        print(f"{stats.count} tokens, layers {layers} -> {path}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_projector(args) -> None:
+    from .projector import dense_projectors, nullspace_basis, save_projector
+    from .stats import KeyStatistics
+    from .storage import save_tensors
+
+    stats = KeyStatistics.load(args.stats)
+    rule = {k: getattr(args, k) for k in ("threshold", "relative", "energy", "rank") if getattr(args, k) is not None}
+    rule = rule or {"threshold": 2e-2}
+    bases = {l: nullspace_basis(stats.covariance(l), **rule) for l in sorted(stats.sums)}
+    save_projector(args.out, bases, {"rule": rule, "stats": str(args.stats), "tokens": stats.count})
+    for layer, basis in bases.items():
+        print(f"layer {layer}: null space {basis.shape[1]} of {basis.shape[0]} dimensions")
+    if args.dense:
+        save_tensors(args.dense, {"P": dense_projectors(list(bases.values()))},
+                     {"kind": "dense-projector", "layers": sorted(bases), "rule": rule})
+        print(f"dense P (len(layers), d_k, d_k) -> {args.dense}")
+    print(f"-> {args.out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alphaedit-fast", description="Exact, fast AlphaEdit knowledge editing.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +106,29 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--out", default="benchmarks/results")
+    stats = sub.add_parser("stats", help="key statistics of the edited layers over a local corpus (torchrun-able)")
+    stats.add_argument("--model", required=True, help="a local model directory (from save_pretrained)")
+    stats.add_argument("--corpus", required=True, help="text file, JSONL with --text-field, or a saved dataset dir")
+    stats.add_argument("--layers", required=True, help="comma-separated layer numbers, e.g. 4,5,6,7,8")
+    stats.add_argument("--out", required=True, help="output directory (key-stats.safetensors, checkpoints/)")
+    stats.add_argument("--max-tokens", type=int, default=None, help="token budget (default: the whole corpus)")
+    stats.add_argument("--max-length", type=int, default=512)
+    stats.add_argument("--batch-tokens", type=int, default=8192)
+    stats.add_argument("--precision", default="float32", choices=["float32", "float64"])
+    stats.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="dtype to run the model in")
+    stats.add_argument("--checkpoint-every", type=int, default=50)
+    stats.add_argument("--text-field", default="text")
+    projector = sub.add_parser("projector", help="null-space bases U0 from a statistics file")
+    projector.add_argument("--stats", required=True)
+    projector.add_argument("--out", required=True, help="output .safetensors with one basis per layer")
+    rule = projector.add_mutually_exclusive_group()
+    rule.add_argument("--threshold", type=float, help="absolute eigenvalue threshold (default 2e-2)")
+    rule.add_argument("--relative", type=float, help="threshold relative to the largest eigenvalue")
+    rule.add_argument("--energy", type=float, help="fraction of the trace the protected directions keep")
+    rule.add_argument("--rank", type=int, help="number of protected directions")
+    projector.add_argument("--dense", help="also write dense P (len(layers), d, d) here (safetensors, key 'P'), "
+                           "for the original API")
     sub.add_parser("version", help="print versions and available backends")
     args = parser.parse_args(argv)
 
@@ -64,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(args.family, args.seed)
     elif args.command == "bench":
         run_bench(args)
+    elif args.command == "stats":
+        run_stats(args)
+    elif args.command == "projector":
+        run_projector(args)
     elif args.command == "version":
         import transformers
 

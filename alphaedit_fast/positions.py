@@ -118,9 +118,13 @@ def encode_batch(tok, texts: Sequence[str], device=None) -> tuple[torch.Tensor, 
     tokens at positions 0..n-1 for every model (absolute position embeddings included), and
     needs no pad token on the tokenizer, which is left untouched.
     """
-    ids = tok(list(texts))["input_ids"]
+    return pad_right(tok(list(texts))["input_ids"], pad_token_id(tok), device)
+
+
+def pad_right(ids: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (batch, longest) int64, from lists of token ids."""
     width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_token_id(tok), dtype=torch.long)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
     for row, seq in enumerate(ids):
         input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)

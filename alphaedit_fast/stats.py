@@ -1,0 +1,242 @@
+"""Key statistics (DESIGN step 6): sum of k k^T over a corpus's tokens for every edited layer.
+
+One truncated forward pass per batch serves all layers; padding tokens are excluded; sums are
+kept in fp32 (or fp64) on each layer's device. Partial sums are checkpointed atomically, so a
+killed run restarts where it stopped and gives the same result. Under `torch.distributed`
+(`torchrun`), ranks take disjoint batches (batch i goes to rank i mod world) and the sums are
+all-reduced once at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .arch import get_module
+from .errors import InvalidRequestError, require_finite
+from .modelstate import frozen
+from .ops import second_moment_update_
+from .positions import pad_right, pad_token_id
+from .storage import StatsFileError, file_fingerprint, load_tensors, model_fingerprint, save_tensors
+from .trace import read_modules
+
+STATS_KIND, PARTIAL_KIND = "key-stats", "key-stats-partial"
+
+
+def iter_documents(corpus: str | Path, text_field: str = "text") -> Iterator[str]:
+    """Documents of a plain text file (one per non-empty line), a JSONL file (`text_field` of
+    each record) or a `datasets` dataset saved with `save_to_disk` (a directory)."""
+    path = Path(corpus)
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError:
+            raise InvalidRequestError(f"{path} is a directory: reading a saved dataset needs `pip install datasets`") \
+                from None
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+        for record in dataset:
+            yield record[text_field]
+        return
+    if not path.exists():
+        raise InvalidRequestError(f"corpus {path} does not exist")
+    jsonl = path.suffix in (".jsonl", ".json")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not jsonl:
+                yield line.strip()
+                continue
+            try:
+                text = json.loads(line)[text_field]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InvalidRequestError(f"{path}:{number}: expected a JSON object with a {text_field!r} string") \
+                    from None
+            if not isinstance(text, str):
+                raise InvalidRequestError(f"{path}:{number}: {text_field!r} must be a string")
+            yield text
+
+
+def token_batches(tok, documents: Iterable[str], max_length: int, batch_tokens: int,
+                  max_tokens: int | None = None) -> Iterator[list[list[int]]]:
+    """Batches of token lists: each document truncated to `max_length` tokens, a batch holding
+    at most `batch_tokens` padded tokens, all stopping once `max_tokens` real tokens are out."""
+    budget = max_tokens if max_tokens is not None else float("inf")
+    batch: list[list[int]] = []
+    for chunk in _chunks(documents, 256):
+        for ids in tok(chunk)["input_ids"]:
+            ids = ids[: int(min(max_length, budget))]
+            if not ids:
+                continue
+            if batch and (len(batch) + 1) * max(max(map(len, batch)), len(ids)) > batch_tokens:
+                yield batch
+                batch = []
+            batch.append(ids)
+            budget -= len(ids)
+            if budget <= 0:
+                yield batch
+                return
+    if batch:
+        yield batch
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+@dataclass
+class KeyStatistics:
+    """Sums of k k^T (d_k, d_k) per layer over `count` tokens, and where they came from."""
+
+    sums: dict[int, torch.Tensor]
+    count: int
+    metadata: dict[str, object] = field(default_factory=dict)
+
+    def covariance(self, layer: int) -> torch.Tensor:
+        """E[k k^T] at `layer`: (d_k, d_k), what the original's `get_cov` returns."""
+        return self.sums[layer] / self.count
+
+    def save(self, path: str | Path) -> Path:
+        return save_tensors(path, {f"layer.{l}.sum": s for l, s in self.sums.items()},
+                            {**self.metadata, "kind": STATS_KIND, "count": self.count})
+
+    @classmethod
+    def load(cls, path: str | Path, model=None, corpus: str | Path | None = None) -> KeyStatistics:
+        """Read and check a statistics file: against `model`'s weights and `corpus` when given."""
+        tensors, meta = load_tensors(path, STATS_KIND)
+        metadata = {k: _decode(v) for k, v in meta.items()}
+        if model is not None:
+            names = [metadata["rewrite_module_tmp"].format(l) for l in metadata["layers"]]
+            if model_fingerprint(model, names) != metadata.get("model_fingerprint"):
+                raise StatsFileError(f"{path} was computed for another model or other weights "
+                                     f"({metadata.get('model')!r}); recompute the statistics for this model")
+        if corpus is not None and file_fingerprint(corpus) != metadata.get("corpus_fingerprint"):
+            raise StatsFileError(f"{path} was computed on another corpus ({metadata.get('corpus')!r})")
+        sums = {int(k.split(".")[1]): v for k, v in tensors.items()}
+        for layer, s in sums.items():
+            require_finite(s, f"statistics of layer {layer} in {path}")
+        return cls(sums, int(metadata["count"]), metadata)
+
+
+def _decode(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def read_original_stats(path: str | Path) -> tuple[torch.Tensor, int]:
+    """(E[k k^T], token count) from the original's `layer_stats` `.npz`, without unpickling."""
+    with np.load(path, allow_pickle=False) as data:
+        prefix = "mom2." if "mom2.mom2" in data.files else ""
+        try:
+            total, count = data[prefix + "mom2"], int(data[prefix + "count"])
+        except KeyError:
+            raise StatsFileError(f"{path} holds no second moment ({data.files})") from None
+    cov = torch.from_numpy(np.array(total)) / count
+    require_finite(cov, f"statistics in {path}")
+    return cov, count
+
+
+def collect_statistics(model, tok, corpus: str | Path, layers: list[int], rewrite_module_tmp: str, *,
+                       max_tokens: int | None = None, max_length: int = 512, batch_tokens: int = 8192,
+                       precision: torch.dtype = torch.float32, checkpoint_dir: str | Path | None = None,
+                       checkpoint_every: int = 50, text_field: str = "text", progress: bool = True,
+                       on_batch: Callable[[int], None] | None = None) -> KeyStatistics:
+    """Sum of k k^T of the inputs of `rewrite_module_tmp.format(l)` for every l in `layers`.
+
+    max_tokens: token budget (None: the whole corpus); max_length: tokens per document;
+    batch_tokens: padded tokens per batch; precision: fp32 or fp64 sums. With `checkpoint_dir`,
+    partial sums are written every `checkpoint_every` batches and picked up by a restart.
+    `on_batch(i)` is called after batch i (tests use it to interrupt a run).
+    """
+    import torch.distributed as dist
+
+    if not Path(corpus).exists():
+        raise InvalidRequestError(f"corpus {corpus} does not exist")
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    names = [rewrite_module_tmp.format(l) for l in layers]
+    modules = [get_module(model, n) for n in names]
+    metadata = {
+        "model": getattr(model.config, "_name_or_path", ""), "model_fingerprint": model_fingerprint(model, names),
+        "layers": list(layers), "rewrite_module_tmp": rewrite_module_tmp, "corpus": str(corpus),
+        "corpus_fingerprint": file_fingerprint(corpus), "max_tokens": max_tokens, "max_length": max_length,
+        "batch_tokens": batch_tokens, "precision": str(precision), "model_dtype": str(modules[0].weight.dtype),
+        "library_version": _version(),
+    }
+    width = {l: (m.weight.shape[0] if type(m).__name__ == "Conv1D" else m.weight.shape[1])
+             for l, m in zip(layers, modules)}
+    sums = {l: torch.zeros(width[l], width[l], dtype=precision, device=m.weight.device)
+            for l, m in zip(layers, modules)}
+    count, start, batches = 0, 0, 0
+    partial = Path(checkpoint_dir) / f"partial-rank{rank}-of{world}.safetensors" if checkpoint_dir else None
+    if partial is not None and partial.exists():
+        tensors, meta = load_tensors(partial, PARTIAL_KIND)
+        if _decode(meta["config"]) != metadata:
+            raise StatsFileError(f"{partial} belongs to another run (model, corpus or settings differ); "
+                                 "delete it or choose another checkpoint directory")
+        for l in layers:
+            sums[l].copy_(tensors[f"layer.{l}.sum"])
+        count, start = int(meta["count"]), int(meta["next_batch"])
+
+    device = model.get_input_embeddings().weight.device
+    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="stats", disable=not progress or rank != 0)
+    with frozen(model):
+        for index, batch in enumerate(token_batches(tok, iter_documents(corpus, text_field), max_length,
+                                                    batch_tokens, max_tokens)):
+            tokens, batches = sum(map(len, batch)), index + 1
+            if index >= start and index % world == rank:
+                input_ids, mask = pad_right(batch, pad_token_id(tok), device)
+                readers = {name: _accumulate(sums[l], mask) for name, l in zip(names, layers)}
+                read_modules(model, input_ids, mask, readers)
+                count += tokens
+                if partial is not None and (index + 1) % checkpoint_every == 0:
+                    _save_partial(partial, sums, count, batches, metadata)
+                if on_batch is not None:
+                    on_batch(index)
+            bar.update(tokens)
+    bar.close()
+    if partial is not None:  # the finished state: a rerun returns at once with the same sums
+        _save_partial(partial, sums, count, batches, metadata)
+    if distributed:
+        total = torch.tensor([count], dtype=torch.float64, device=sums[layers[0]].device)
+        dist.all_reduce(total)
+        count = int(total.item())
+        for l in layers:
+            dist.all_reduce(sums[l])
+    if count == 0:
+        raise InvalidRequestError(f"corpus {corpus} produced no tokens")
+    for l in layers:
+        require_finite(sums[l], f"statistics of layer {l}")
+    return KeyStatistics(sums, count, {**metadata, "count": count})
+
+
+def _accumulate(acc: torch.Tensor, mask: torch.Tensor):
+    def reader(x, output):
+        rows = x[mask.to(x.device).bool()]  # real tokens only
+        second_moment_update_(acc, rows)
+
+    return reader
+
+
+def _save_partial(path: Path, sums, count: int, next_batch: int, metadata) -> None:
+    save_tensors(path, {f"layer.{l}.sum": s for l, s in sums.items()},
+                 {"kind": PARTIAL_KIND, "count": count, "next_batch": next_batch, "config": metadata})
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
