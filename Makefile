@@ -33,6 +33,7 @@ bench: install
 	$(BIN)/alphaedit-fast bench --shape b-gpt2-small --edits 8 --repeats 3
 	$(BIN)/alphaedit-fast bench --shape c-llama-8x512 --edits 16 --repeats 3
 	$(BIN)/alphaedit-fast bench --ops
+	$(BIN)/alphaedit-fast bench --stats --shape b-gpt2-small --stats-tokens 20000
 
 lint: install
 	$(BIN)/ruff check alphaedit_fast kernels tests benchmarks setup.py

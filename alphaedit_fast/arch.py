@@ -107,3 +107,13 @@ def key_width(module: torch.nn.Module) -> int:
     """d_k: the input width of a rewrite module."""
     weight = module.weight
     return weight.shape[0] if stores_keys_first(module) else weight.shape[1]
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings cover, when its config says."""
+    config = model.config
+    for name in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -27,14 +27,17 @@ from .tiny import tiny_model, tiny_tokenizer_for
 
 # name -> (family, config overrides, edited layers)
 SHAPES: dict[str, tuple[str, dict, list[int]]] = {
-    "a-gpt2-6x128": ("gpt2", dict(n_layer=6, n_embd=128, n_inner=512, n_head=4, vocab_size=50257), [2, 3, 4]),
-    "b-gpt2-small": ("gpt2", dict(n_layer=12, n_embd=768, n_inner=3072, n_head=12, vocab_size=50257),
+    "a-gpt2-6x128": ("gpt2", dict(n_layer=6, n_embd=128, n_inner=512, n_head=4, vocab_size=50257,
+                                           n_positions=1024), [2, 3, 4]),
+    "b-gpt2-small": ("gpt2", dict(n_layer=12, n_embd=768, n_inner=3072, n_head=12, vocab_size=50257,
+                                           n_positions=1024),
                      [3, 4, 5, 6, 7]),
     "c-llama-8x512": ("llama", dict(num_hidden_layers=8, hidden_size=512, intermediate_size=1376,
-                                    num_attention_heads=8, num_key_value_heads=4, vocab_size=32000), [2, 3, 4]),
+                                    num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
+                                    max_position_embeddings=2048), [2, 3, 4]),
     "llama3-8b": ("llama", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                                rope_theta=500000.0), [4, 5, 6, 7, 8]),
+                                rope_theta=500000.0, max_position_embeddings=8192), [4, 5, 6, 7, 8]),
 }
 CONTEXT_TEMPLATES = [["{}"], ["The first thing. {}", "Therefore it is. {}", "Because of this. {}",
                               "I think that. {}", "You know what. {}"]]
@@ -233,3 +236,39 @@ def bench_ops(device: str = "cpu", d: int = 14336, rows: int = 600, seq: int = 3
     if device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
     return result
+
+
+def bench_stats(shape: str = "b-gpt2-small", corpus: str | None = None, max_tokens: int = 20000,
+                device: str = "cpu", dtype: torch.dtype = torch.float32, max_length: int = 256,
+                batch_tokens: int = 8192) -> dict:
+    """Tokens/s of key statistics for all edited layers in one pass vs one pass per layer."""
+    import tempfile
+
+    from .stats import collect_statistics
+    from .tiny import corpus as tiny_corpus
+
+    model, tok, hparams = bench_model(shape, device, dtype)
+    corpus_name = corpus or "built-in tiny corpus, 40-sentence paragraphs"
+    with tempfile.TemporaryDirectory() as tmp:
+        if corpus is None:
+            corpus = str(Path(tmp) / "corpus.txt")
+            sentences = tiny_corpus() * 40  # paragraphs of 40 sentences: documents longer than max_length
+            Path(corpus).write_text("\n".join(" ".join(sentences[i : i + 40]) for i in range(0, len(sentences), 40)))
+        settings = dict(max_tokens=max_tokens, max_length=max_length, batch_tokens=batch_tokens, progress=False)
+        layers = hparams.layers
+
+        def run(layer_sets):
+            start = time.perf_counter()
+            for layer_set in layer_sets:
+                stats = collect_statistics(model, tok, corpus, layer_set, hparams.rewrite_module_tmp, **settings)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return stats.count, time.perf_counter() - start
+
+        tokens, one_pass = run([layers])
+        _, per_layer = run([[layer] for layer in layers])
+    return {"shape": shape, "layers": layers, "tokens": tokens, "device": device, "dtype": str(dtype),
+            "corpus": corpus_name,
+            "seconds": {"one_pass": one_pass, "per_layer_passes": per_layer},
+            "tokens_per_s": {"one_pass": tokens / one_pass, "per_layer_passes": tokens / per_layer},
+            "speedup": per_layer / one_pass}

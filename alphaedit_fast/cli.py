@@ -12,11 +12,11 @@ from .tiny import FAMILY_CONFIGS
 
 
 def run_bench(args) -> None:
-    from .bench import bench_edit, bench_ops, bench_solve, write_results
+    from .bench import bench_edit, bench_ops, bench_solve, bench_stats, write_results
 
     dtype = getattr(torch, args.dtype)
-    default_shapes = [] if (args.ops or args.solve) else ["a-gpt2-6x128", "c-llama-8x512"]
-    for shape in args.shape or default_shapes:
+    default_shapes = [] if (args.ops or args.solve or args.stats) else ["a-gpt2-6x128", "c-llama-8x512"]
+    for shape in [] if args.stats else args.shape or default_shapes:
         result = bench_edit(shape, args.edits, args.repeats, tuple(args.paths.split(",")), args.device, dtype)
         path = write_results(f"edit-{shape}-{args.edits}-{args.device}", result, args.out)
         for name, med in result["paths"].items():
@@ -25,6 +25,12 @@ def run_bench(args) -> None:
         if "speedup" in result:
             print(f"{shape}   speed-up: " + ", ".join(f"{k} {v:.1f}x" for k, v in result["speedup"].items()))
         print(f"  -> {path}")
+    if args.stats:
+        shape = (args.shape or ["b-gpt2-small"])[0]
+        result = bench_stats(shape, args.stats_corpus, args.stats_tokens, args.device, dtype)
+        path = write_results(f"stats-{shape}-{args.device}", result, args.out)
+        print(f"stats {shape}: one pass {result['tokens_per_s']['one_pass']:.0f} tok/s, per-layer passes "
+              f"{result['tokens_per_s']['per_layer_passes']:.0f} tok/s ({result['speedup']:.1f}x)\n  -> {path}")
     if args.ops:
         result = bench_ops(args.device)
         path = write_results(f"ops-{args.device}", result, args.out)
@@ -103,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--solve-dk", type=int, default=3072)
     bench.add_argument("--solve-edits", type=int, default=100)
     bench.add_argument("--ops", action="store_true", help="also time the hot ops per backend (GB/s)")
+    bench.add_argument("--stats", action="store_true", help="also time key statistics: one pass vs per-layer passes")
+    bench.add_argument("--stats-corpus", help="a local text file (default: the tiny built-in corpus)")
+    bench.add_argument("--stats-tokens", type=int, default=20000)
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--out", default="benchmarks/results")

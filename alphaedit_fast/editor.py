@@ -222,7 +222,8 @@ class AlphaEditor:
     """Sequential AlphaEdit on one model: keeps each layer's factored projector U (d_k, r) and
     projected cache U^T C U (r, r) on that layer's device, and solves in the null space.
 
-    projector: per-layer bases U (a list of (d_k, r) tensors, e.g. from `nullspace_basis`), or
+    projector: per-layer bases U (a list of (d_k, r) tensors, e.g. from `nullspace_basis`, or a
+    {layer: U} dict such as `load_projector` returns), or
     dense P (len(layers), d_k, d_k) as the original uses (factored once here), or None for no
     constraint (U = I). cache_c: optional dense (len(layers), d_k, d_k) starting cache.
     solver: "auto" (Woodbury when keys are few against r, else Cholesky), "cholesky", "woodbury".
@@ -235,7 +236,7 @@ class AlphaEditor:
         self.modules = check_model(model, self.hparams)
         d_k, n_layers = key_width(self.modules[0]), len(self.hparams.layers)
         devices = [m.weight.device for m in self.modules]
-        bases = self._bases(projector, n_layers, d_k)
+        bases = self._bases(projector, self.hparams.layers, d_k)
         bases = [u.to(device, solve_dtype) for u, device in zip(bases, devices)]
         cache_proj = None
         if cache_c is not None:
@@ -248,14 +249,15 @@ class AlphaEditor:
         self.num_edits = 0
 
     @staticmethod
-    def _bases(projector, n_layers: int, d_k: int) -> list[torch.Tensor]:
+    def _bases(projector, layers: list[int], d_k: int) -> list[torch.Tensor]:
+        n_layers = len(layers)
         if projector is None:
             warnings.warn("projector=None: editing without a null-space constraint (U = I)", stacklevel=3)
             return [torch.eye(d_k)] * n_layers
         if isinstance(projector, torch.Tensor) and projector.ndim == 3:
             dense = layer_stack(projector, n_layers, d_k, "P", "identity")
             return [basis_from_projector(p) for p in dense]
-        bases = list(projector)
+        bases = [projector[layer] for layer in layers] if isinstance(projector, dict) else list(projector)
         if len(bases) != n_layers or any(u.ndim != 2 or u.shape[0] != d_k for u in bases):
             raise ShapeError(f"projector must be {n_layers} bases of shape (d_k={d_k}, r) or dense "
                              f"P of shape {(n_layers, d_k, d_k)}")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .arch import get_module
+from .arch import get_module, max_positions
 from .errors import InvalidRequestError, require_finite
 from .modelstate import frozen
 from .ops import second_moment_update_
@@ -156,7 +156,8 @@ def collect_statistics(model, tok, corpus: str | Path, layers: list[int], rewrit
                        on_batch: Callable[[int], None] | None = None) -> KeyStatistics:
     """Sum of k k^T of the inputs of `rewrite_module_tmp.format(l)` for every l in `layers`.
 
-    max_tokens: token budget (None: the whole corpus); max_length: tokens per document;
+    max_tokens: token budget (None: the whole corpus); max_length: tokens per document (at most
+    the model's position range);
     batch_tokens: padded tokens per batch; precision: fp32 or fp64 sums. With `checkpoint_dir`,
     partial sums are written every `checkpoint_every` batches and picked up by a restart.
     `on_batch(i)` is called after batch i (tests use it to interrupt a run).
@@ -167,6 +168,7 @@ def collect_statistics(model, tok, corpus: str | Path, layers: list[int], rewrit
         raise InvalidRequestError(f"corpus {corpus} does not exist")
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    max_length = min(max_length, max_positions(model) or max_length)
     names = [rewrite_module_tmp.format(l) for l in layers]
     modules = [get_module(model, n) for n in names]
     metadata = {

@@ -2,7 +2,7 @@
 # GPU checks for a lent device machine (its image has torch, transformers, triton, pytest and
 # nvcc; nothing can be installed there): the CUDA build of _C, the GPU tests, the editing
 # benchmark on a random Llama-3-8B-shaped bf16 model with 100 edits, the solve at d_k = 14336
-# and the hot ops' GB/s. Writes under $OUT (default gpu-out).
+# the hot ops' GB/s and key-statistics tokens/s. Writes under $OUT (default gpu-out).
 # Sized to finish in under 10 minutes on one H200:  OUT=... bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,3 +20,5 @@ timeout 330 python3 -m alphaedit_fast.cli bench --shape llama3-8b --edits 100 --
 timeout 90 python3 -m alphaedit_fast.cli bench --shape b-gpt2-small --edits 32 --repeats 1 --device cuda \
     --out "$OUT" 2>&1 | tee "$OUT/bench-gpt2-small.txt"
 timeout 60 python3 -m alphaedit_fast.cli bench --ops --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench-ops.txt"
+timeout 150 python3 -m alphaedit_fast.cli bench --stats --shape llama3-8b --stats-tokens 300000 --device cuda \
+    --dtype bfloat16 --out "$OUT" 2>&1 | tee "$OUT/bench-stats.txt"

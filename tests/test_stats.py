@@ -194,3 +194,24 @@ def test_cli_stats_projector_and_two_rank_gloo(llama, corpus_file, tmp_path):
     assert set(bases) == {1, 2} and all(u.shape == (160, 60) for u in bases.values())
     u = bases[1]
     torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1], dtype=u.dtype), atol=1e-6, rtol=0)
+
+
+def test_statistics_to_projector_to_edit(llama, corpus_file, tmp_path):
+    """The whole pipeline: statistics -> projector file -> AlphaEditor; the update lies in the null space."""
+    from alphaedit_fast import AlphaEditor
+    from alphaedit_fast.projector import save_projector
+
+    from .conftest import CONTEXT_TEMPLATES, REQUESTS, test_hparams
+
+    model, tok = tiny_model("llama"), tiny_tokenizer_for("llama")
+    stats = collect_statistics(model, tok, corpus_file, [1, 2], TEMPLATE, **SETTINGS)
+    path = save_projector(tmp_path / "proj.safetensors",
+                          {l: nullspace_basis(stats.covariance(l), rank=100) for l in (1, 2)})
+    bases = load_projector(path)
+    before = [model.get_submodule(TEMPLATE.format(l)).weight.detach().clone() for l in (1, 2)]
+    AlphaEditor(model, tok, test_hparams(model), projector=bases, context_templates=CONTEXT_TEMPLATES).edit(REQUESTS)
+    for layer, b in zip((1, 2), before):
+        delta = model.get_submodule(TEMPLATE.format(layer)).weight.detach() - b  # (d_model, d_k)
+        u = bases[layer]
+        assert delta.norm() > 0
+        assert (delta - delta @ u @ u.T).norm() / delta.norm() < 1e-4  # no component outside the null space
