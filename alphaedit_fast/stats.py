@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .arch import get_module, max_positions
+from .arch import get_module, key_width, max_positions
 from .errors import InvalidRequestError, require_finite
 from .modelstate import frozen
 from .ops import second_moment_update_
@@ -157,9 +157,9 @@ def collect_statistics(model, tok, corpus: str | Path, layers: list[int], rewrit
     """Sum of k k^T of the inputs of `rewrite_module_tmp.format(l)` for every l in `layers`.
 
     max_tokens: token budget (None: the whole corpus); max_length: tokens per document (at most
-    the model's position range);
-    batch_tokens: padded tokens per batch; precision: fp32 or fp64 sums. With `checkpoint_dir`,
-    partial sums are written every `checkpoint_every` batches and picked up by a restart.
+    the model's position range); batch_tokens: padded tokens per batch; precision: fp32 or fp64
+    sums. With `checkpoint_dir`, each rank writes its partial sums every `checkpoint_every` of its
+    batches, and a restart (with the same number of ranks) picks them up.
     `on_batch(i)` is called after batch i (tests use it to interrupt a run).
     """
     import torch.distributed as dist
@@ -178,11 +178,9 @@ def collect_statistics(model, tok, corpus: str | Path, layers: list[int], rewrit
         "batch_tokens": batch_tokens, "precision": str(precision), "model_dtype": str(modules[0].weight.dtype),
         "library_version": _version(),
     }
-    width = {l: (m.weight.shape[0] if type(m).__name__ == "Conv1D" else m.weight.shape[1])
-             for l, m in zip(layers, modules)}
-    sums = {l: torch.zeros(width[l], width[l], dtype=precision, device=m.weight.device)
+    sums = {l: torch.zeros(key_width(m), key_width(m), dtype=precision, device=m.weight.device)
             for l, m in zip(layers, modules)}
-    count, start, batches = 0, 0, 0
+    count, start, batches, processed = 0, 0, 0, 0
     partial = Path(checkpoint_dir) / f"partial-rank{rank}-of{world}.safetensors" if checkpoint_dir else None
     if partial is not None and partial.exists():
         tensors, meta = load_tensors(partial, PARTIAL_KIND)
@@ -203,8 +201,8 @@ def collect_statistics(model, tok, corpus: str | Path, layers: list[int], rewrit
                 input_ids, mask = pad_right(batch, pad_token_id(tok), device)
                 readers = {name: _accumulate(sums[l], mask) for name, l in zip(names, layers)}
                 read_modules(model, input_ids, mask, readers)
-                count += tokens
-                if partial is not None and (index + 1) % checkpoint_every == 0:
+                count, processed = count + tokens, processed + 1
+                if partial is not None and processed % checkpoint_every == 0:
                     _save_partial(partial, sums, count, batches, metadata)
                 if on_batch is not None:
                     on_batch(index)
