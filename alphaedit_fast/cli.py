@@ -93,6 +93,40 @@ def run_projector(args) -> None:
     print(f"-> {args.out}")
 
 
+def run_edit_command(args) -> None:
+    import os
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .editor import AlphaEditor
+    from .hparams import AlphaEditHyperParams
+    from .projector import load_projector
+    from .requests import load_requests
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    hparams = AlphaEditHyperParams.from_json(args.hparams)
+    requests = load_requests(args.requests)
+    if args.state:
+        editor = AlphaEditor.from_state(model, tok, hparams, args.state, progress=True)
+    else:
+        projector = load_projector(args.projector) if args.projector else None
+        editor = AlphaEditor(model, tok, hparams, projector=projector, progress=True)
+    size = args.batch_size or len(requests)
+    start = time.perf_counter()
+    for i in range(0, len(requests), size):
+        seconds = editor.edit(requests[i : i + size])
+        phases = ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items())
+        print(f"edits {i + 1}-{min(i + size, len(requests))}: {phases}")
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    editor.save_state(os.path.join(args.out, "editor-state.safetensors"))
+    print(f"{len(requests)} edits in {time.perf_counter() - start:.1f}s ({editor.num_edits} in total) -> {args.out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alphaedit-fast", description="Exact, fast AlphaEdit knowledge editing.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     rule.add_argument("--rank", type=int, help="number of protected directions")
     projector.add_argument("--dense", help="also write dense P (len(layers), d, d) here (safetensors, key 'P'), "
                            "for the original API")
+    edit = sub.add_parser("edit", help="apply a requests file to a local model; save it and the editor state")
+    edit.add_argument("--model", required=True, help="a local model directory (from save_pretrained)")
+    edit.add_argument("--requests", required=True, help="JSON/JSONL, CounterFact or EasyEdit schema")
+    edit.add_argument("--hparams", required=True, help="an AlphaEdit hparams JSON (the original format)")
+    edit.add_argument("--out", required=True, help="directory for the edited model and editor-state.safetensors")
+    edit.add_argument("--projector", help="null-space bases from `alphaedit-fast projector` (default: none)")
+    edit.add_argument("--state", help="editor-state.safetensors of an earlier run, to keep editing sequentially")
+    edit.add_argument("--batch-size", type=int, default=0, help="edits per batch (default: all at once)")
     sub.add_parser("version", help="print versions and available backends")
     args = parser.parse_args(argv)
 
@@ -151,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         run_stats(args)
     elif args.command == "projector":
         run_projector(args)
+    elif args.command == "edit":
+        run_edit_command(args)
     elif args.command == "version":
         import transformers
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -23,6 +24,7 @@ from .positions import split_template
 from .projector import basis_from_projector
 from .requests import normalize_requests
 from .solve import DenseSolver, FactoredDenseSolver, ProjectedSolver
+from .storage import StatsFileError, load_tensors, model_fingerprint, save_tensors
 from .templates import get_context_templates
 from .timing import Phases
 from .values import compute_zs
@@ -279,3 +281,34 @@ class AlphaEditor:
         """U Cp U^T per layer (len(layers), d_k, d_k) on the CPU: a cache_c for the original API
         that gives the same future updates (only its null-space part ever matters)."""
         return torch.stack([(u @ cp @ u.T).float().cpu() for u, cp in zip(self.solver.bases, self.solver.cache_proj)])
+
+    STATE_KIND = "alphaeditor-state"
+
+    def save_state(self, path) -> Path:
+        """Write the projector bases, projected caches and edit count (safetensors, atomic), so a
+        later run can go on editing with `AlphaEditor.from_state`."""
+        tensors = {}
+        for layer, basis, cache in zip(self.hparams.layers, self.solver.bases, self.solver.cache_proj):
+            tensors[f"layer.{layer}.basis"], tensors[f"layer.{layer}.cache_proj"] = basis, cache
+        names = [self.hparams.rewrite_module_tmp.format(layer) for layer in self.hparams.layers]
+        return save_tensors(path, tensors, {
+            "kind": self.STATE_KIND, "layers": self.hparams.layers, "num_edits": self.num_edits,
+            "context_templates": self.context_templates, "model_fingerprint": model_fingerprint(self.model, names)})
+
+    @classmethod
+    def from_state(cls, model, tok, hparams, path, **options) -> AlphaEditor:
+        """An editor that continues from `save_state`'s file; the model must be the edited one."""
+        tensors, meta = load_tensors(path, cls.STATE_KIND)
+        hparams = as_hparams(hparams)
+        layers = json.loads(meta["layers"])
+        if layers != hparams.layers:
+            raise StatsFileError(f"{path} holds layers {layers}, the hyper-parameters edit {hparams.layers}")
+        names = [hparams.rewrite_module_tmp.format(layer) for layer in layers]
+        if model_fingerprint(model, names) != meta["model_fingerprint"]:
+            raise StatsFileError(f"{path} was saved with other weights: load the model edited in that run")
+        editor = cls(model, tok, hparams, projector=[tensors[f"layer.{l}.basis"] for l in layers],
+                     context_templates=json.loads(meta["context_templates"]), **options)
+        editor.solver.cache_proj = [tensors[f"layer.{l}.cache_proj"].to(u.device, u.dtype)
+                                    for l, u in zip(layers, editor.solver.bases)]
+        editor.num_edits = int(meta["num_edits"])
+        return editor

@@ -54,3 +54,86 @@ def target_token_ids(tok, target: str) -> list[int]:
     if not ids:
         raise InvalidRequestError(f"target {target!r} produces no tokens")
     return ids
+
+
+def _counterfact_record(record: dict, index: int) -> dict:
+    rewrite = record["requested_rewrite"]
+    out = {
+        "case_id": record.get("case_id", index),
+        "prompt": rewrite["prompt"],
+        "subject": rewrite["subject"],
+        "target_new": {"str": rewrite["target_new"]["str"]},
+    }
+    if "target_true" in rewrite:
+        out["target_true"] = {"str": rewrite["target_true"]["str"]}
+    for key in ("paraphrase_prompts", "neighborhood_prompts"):
+        if key in record:
+            out[key] = list(record[key])
+    return out
+
+
+def _easyedit_record(record: dict, index: int) -> dict:
+    prompt, subject = record["prompt"], record["subject"]
+    if "{}" not in prompt:  # EasyEdit prompts hold the subject itself
+        at = prompt.rfind(subject)
+        if not subject or at < 0:
+            raise InvalidRequestError(f"record {index}: subject {subject!r} does not occur in prompt {prompt!r}")
+        prompt = prompt[:at] + "{}" + prompt[at + len(subject):]
+    out = {"case_id": record.get("case_id", index), "prompt": prompt, "subject": subject,
+           "target_new": {"str": record["target_new"]}}
+    if "ground_truth" in record:
+        out["target_true"] = {"str": record["ground_truth"]}
+    if "rephrase_prompt" in record:
+        rephrase = record["rephrase_prompt"]
+        out["paraphrase_prompts"] = [rephrase] if isinstance(rephrase, str) else list(rephrase)
+    if "locality_prompt" in record:
+        locality = record["locality_prompt"]
+        out["neighborhood_prompts"] = [locality] if isinstance(locality, str) else list(locality)
+        if "locality_ground_truth" in record:
+            out["neighborhood_target"] = record["locality_ground_truth"]
+    return out
+
+
+def load_requests(path) -> list[dict[str, Any]]:
+    """Edit requests from a JSON list or JSONL file in the CounterFact schema
+    (`requested_rewrite` with prompt, subject, target_new.str, target_true.str, plus
+    `paraphrase_prompts`, `neighborhood_prompts`) or EasyEdit's flat one (prompt, subject,
+    target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth).
+
+    Returns validated requests in the original's layout (extra keys kept); a malformed record
+    raises InvalidRequestError naming the file and the record.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise InvalidRequestError(f"cannot read requests file {path}: {err}") from None
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+            records = records if isinstance(records, list) else [records]
+    except json.JSONDecodeError as err:
+        raise InvalidRequestError(f"{path} is not valid JSON{'L' if path.suffix == '.jsonl' else ''}: {err}") \
+            from None
+    requests = []
+    for index, record in enumerate(records):
+        try:
+            if not isinstance(record, dict):
+                raise TypeError("not a JSON object")
+            convert = _counterfact_record if "requested_rewrite" in record else _easyedit_record
+            requests.append(normalize_request(convert(record, index), index))
+        except (KeyError, TypeError) as err:
+            raise InvalidRequestError(
+                f"{path}, record {index}: malformed ({type(err).__name__}: {err}); expected the CounterFact schema "
+                "(requested_rewrite.prompt/subject/target_new.str) or EasyEdit's (prompt, subject, target_new)"
+            ) from None
+        except InvalidRequestError as err:
+            raise InvalidRequestError(f"{path}: {err}") from None
+    if not requests:
+        raise InvalidRequestError(f"{path} holds no requests")
+    return requests

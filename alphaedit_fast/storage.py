@@ -33,7 +33,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, tmp, metadata=meta)  # no shared storage
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -61,10 +61,12 @@ def load_tensors(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], 
 
 
 def model_fingerprint(model: torch.nn.Module, module_names: list[str]) -> str:
-    """sha256 over the model's config and the first MiB of each named module's weight."""
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    for name in module_names:
-        weight = model.get_submodule(name).weight.detach()
+    """sha256 over the first MiB of the input embedding and of each named module's weight (the
+    config is left out: saving and reloading a model rewrites some of its fields)."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    embedding = model.get_input_embeddings()
+    for name in ["embedding", *module_names]:
+        weight = (embedding if name == "embedding" else model.get_submodule(name)).weight.detach()
         digest.update(f"{name}:{tuple(weight.shape)}:{weight.dtype}".encode())
         flat = weight.reshape(-1)[: (1 << 20) // weight.element_size()]
         digest.update(flat.float().cpu().numpy().tobytes())
