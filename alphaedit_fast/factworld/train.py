@@ -1,0 +1,117 @@
+"""Train a byte-level BPE tokenizer and a small LlamaForCausalLM on the fact world (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from .world import build_world, training_texts
+
+
+def train_tokenizer(texts, vocab_size=1024):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def make_model(vocab_size, hidden=192, layers=4, heads=4, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+                      pad_token_id=0, rms_norm_eps=1e-5)
+    return LlamaForCausalLM(cfg)
+
+
+def pack(texts, tok, block, rng):
+    texts = texts[:]
+    rng.shuffle(texts)
+    ids = []
+    for t in texts:
+        ids.extend([tok.eos_token_id] + tok(t)["input_ids"])
+    n = len(ids) // block
+    return torch.tensor(ids[: n * block]).view(n, block)
+
+
+@torch.no_grad()
+def recall(model, tok, world, held_out=False, batch=256):
+    model.eval()
+    prompts, targets = [], []
+    subjects = set(world.test_subjects()) if held_out else set(world.subjects)
+    for s, r, o in world.fact_list():
+        if s not in subjects:
+            continue
+        for p in world.prompts(s, r, held_out):
+            prompts.append(p)
+            targets.append(tok(" " + o)["input_ids"][0])
+    hits = 0
+    tok.padding_side = "left"
+    for i in range(0, len(prompts), batch):
+        enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True)
+        logits = model(**enc).logits[:, -1]
+        hits += (logits.argmax(-1) == torch.tensor(targets[i:i + batch])).sum().item()
+    model.train()
+    return hits / len(prompts)
+
+
+def train(out, seed=0, n_subjects=200, eval_every=0, hidden=128, layers=6, vocab_size=1024, epochs=20, batch=16,
+          block=128, lr=3e-3, threads=1, log=print):
+    torch.set_num_threads(threads)
+    world = build_world(seed, n_subjects)
+    texts = training_texts(world, seed)
+    tok = train_tokenizer(texts, vocab_size)
+    model = make_model(len(tok), hidden, layers, seed=seed)
+    rng = random.Random(seed)
+    n_blocks = len(pack(texts, tok, block, random.Random(0)))
+    steps = epochs * (n_blocks // batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.1)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    log(f"params {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, blocks/epoch {n_blocks}, steps {steps}")
+    t0, step = time.time(), 0
+    torch.manual_seed(seed)
+    for ep in range(epochs):
+        data = pack(texts, tok, block, rng)
+        perm = torch.randperm(len(data))
+        for i in range(0, len(data) - batch + 1, batch):
+            x = data[perm[i:i + batch]]
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if step % 50 == 0:
+                log(f"step {step}/{steps} ep {ep} loss {loss.item():.3f} {time.time() - t0:.0f}s")
+        if eval_every and (ep + 1) % eval_every == 0:
+            log(f"epoch {ep} recall {recall(model, tok, world):.3f} para {recall(model, tok, world, True):.3f} "
+                f"{time.time() - t0:.0f}s")
+    model.eval()
+    stats = {"seed": seed, "n_subjects": n_subjects, "hidden": hidden, "layers": layers, "vocab": len(tok),
+             "epochs": epochs, "batch": batch, "block": block, "lr": lr, "steps": step, "train_s": time.time() - t0,
+             "recall": recall(model, tok, world), "paraphrase_recall": recall(model, tok, world, True)}
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        (out / "factworld.json").write_text(json.dumps(stats, indent=1))
+    log(json.dumps(stats))
+    return model, tok, world, stats
