@@ -130,8 +130,9 @@ def run_edit_command(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alphaedit-fast", description="Exact, fast AlphaEdit knowledge editing.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="edit a tiny model and print target probabilities before/after")
-    demo.add_argument("--family", default="llama", choices=sorted(FAMILY_CONFIGS))
+    demo = sub.add_parser("demo", help="edit the shipped fact-world model; print probabilities before/after")
+    demo.add_argument("--tiny", metavar="FAMILY", choices=sorted(FAMILY_CONFIGS),
+                      help="edit a tiny random model of this family instead of the fact-world model")
     demo.add_argument("--seed", type=int, default=0)
     bench = sub.add_parser("bench", help="reference vs fast editing throughput; writes benchmarks/results/*.json")
     bench.add_argument("--shape", action="append", choices=sorted(SHAPES),
@@ -184,9 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "demo":
-        from .demo import run_demo
+        from .demo import run_demo, run_tiny_demo
 
-        run_demo(args.family, args.seed)
+        if args.tiny:
+            run_tiny_demo(args.tiny, args.seed)
+        else:
+            run_demo(seed=args.seed)
     elif args.command == "bench":
         run_bench(args)
     elif args.command == "stats":

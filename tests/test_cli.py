@@ -1,15 +1,24 @@
 from alphaedit_fast.cli import main
-from alphaedit_fast.demo import run_demo
+from alphaedit_fast.demo import run_demo, run_tiny_demo
 
 
-def test_demo_edits_raise_every_target(capsys):
-    rows = run_demo("gpt2")
+def test_tiny_demo_edits_raise_every_target(capsys):
+    rows = run_tiny_demo("gpt2")
     assert all(after > 10 * before for _, before, after in rows), rows
     assert "p after" in capsys.readouterr().out
 
 
+def test_factworld_demo_edits_its_facts(capsys):
+    rows = run_demo()
+    rewrites = sum(row["after"][0] > 0.5 for row in rows)
+    paraphrases = sum(row["after"][1] > 0.5 for row in rows)
+    assert rewrites >= 9 and paraphrases >= 8, rows
+    assert all(row["before"][0] < 0.5 for row in rows)
+    assert "neighbour p(true)" in capsys.readouterr().out
+
+
 def test_cli_demo_and_version(capsys):
-    assert main(["demo", "--family", "qwen2"]) == 0
+    assert main(["demo", "--tiny", "qwen2"]) == 0
     assert main(["version"]) == 0
     out = capsys.readouterr().out
     assert "edits in" in out and "alphaedit_fast 0.1.0" in out
