@@ -135,16 +135,7 @@ def bench_solve(d_k: int = 3072, d_model: int = 768, n_edits: int = 100, null_fr
     P = basis @ basis.T
 
     def timed(fn):
-        times = []
-        for _ in range(repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times), out
+        return _median_seconds(fn, repeats, device), fn()
 
     t_dense, dense = timed(lambda: dense_update(P, keys, cache, resid, 10.0))
     result = {"d_k": d_k, "d_model": d_model, "edits": n_edits, "null_dim": basis.shape[1], "repeats": repeats,
