@@ -69,38 +69,24 @@ def next_token_probability(model, tok, prompt: str, word: str) -> float:
 def run_demo(n_edits: int = 10, seed: int = 0) -> list[dict]:
     """Edit the shipped fact-world model with `n_edits` counterfactuals in one batch, under a
     null-space projector computed from its own corpus; print a before/after table."""
-    import tempfile
-    import warnings
-    from pathlib import Path
-
     from .editor import AlphaEditor
-    from .factworld import load_shipped, training_texts
-    from .factworld.editcheck import make_requests
-    from .projector import nullspace_basis
-    from .stats import collect_statistics
+    from .factworld import load_shipped
+    from .factworld.editing import CONTEXT_TEMPLATES, corpus_projector, edit_hparams
 
     start = time.perf_counter()
     model, tok, world = load_shipped()
-    hparams = AlphaEditHyperParams.for_model(model, layers=[0], v_lr=0.5, L2=1.0, clamp_norm_factor=1.0,
-                                             v_num_grad_steps=25)
+    hparams = edit_hparams(model)
     timings = {"load": time.perf_counter() - start}
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text("\n".join(training_texts(world, seed)[:3000]))
-        stats = collect_statistics(model, tok, corpus, hparams.layers, hparams.rewrite_module_tmp, progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # statistics of a 512-wide MLP: a large null space is expected
-        bases = [nullspace_basis(stats.covariance(layer), relative=1e-2) for layer in hparams.layers]
+    bases = corpus_projector(model, tok, world, hparams, seed=seed)
     timings["statistics + projector"] = time.perf_counter() - start
-    requests = make_requests(world, n_edits, seed)
+    records = world.counterfact_requests(n_edits, seed)
     rows = []
-    for q in requests:
-        s, r = q["subject"], q["relation"]
-        neighbour_prompt, neighbour_object = world.neighbourhood(s, r, k=1)[0]
-        rows.append({"prompt": q["prompt"].format(s), "paraphrase": world.relations[r]["paraphrases"][0].format(s),
-                     "new": q["target_new"]["str"], "true": q["true"],
-                     "neighbour": neighbour_prompt, "neighbour_object": neighbour_object})
+    for rec in records:
+        rw = rec["requested_rewrite"]
+        rows.append({"prompt": rw["prompt"].format(rw["subject"]), "paraphrase": rec["paraphrase_prompts"][0],
+                     "new": rw["target_new"]["str"], "neighbour": rec["neighborhood_prompts"][0],
+                     "neighbour_object": rw["target_true"]["str"]})
 
     def measure(key):
         for row in rows:
@@ -109,12 +95,12 @@ def run_demo(n_edits: int = 10, seed: int = 0) -> list[dict]:
                         next_token_probability(model, tok, row["neighbour"], row["neighbour_object"]))
 
     measure("before")
-    editor = AlphaEditor(model, tok, hparams, projector=bases,
-                         context_templates=[["{}"], ["The. {}", "Therefore. {}", "Yes. {}", "So. {}"]])
-    timings.update(editor.edit([{k: q[k] for k in ("prompt", "subject", "target_new")} for q in requests]))
+    editor = AlphaEditor(model, tok, hparams, projector=bases, context_templates=CONTEXT_TEMPLATES)
+    timings.update(editor.edit([rec["requested_rewrite"] for rec in records]))
     measure("after")
-    print(f"AlphaEdit on the shipped fact-world model (1.7M parameters): {n_edits} counterfactual edits, one batch,"
-          f" layer 0, null space {bases[0].shape[1]}/{bases[0].shape[0]}\n")
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"AlphaEdit on the shipped fact-world model ({n_params:.1f}M parameters): {n_edits} counterfactual edits,"
+          f" one batch, layers {hparams.layers}, null space {bases[0].shape[1]}/{bases[0].shape[0]}\n")
     print(f"{'rewrite prompt -> new object':<52} {'p(new)':>15} {'paraphrase p(new)':>18} {'neighbour p(true)':>18}")
     for row in rows:
         b, a = row["before"], row["after"]

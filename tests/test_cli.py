@@ -12,8 +12,8 @@ def test_factworld_demo_edits_its_facts(capsys):
     rows = run_demo()
     rewrites = sum(row["after"][0] > 0.5 for row in rows)
     paraphrases = sum(row["after"][1] > 0.5 for row in rows)
-    assert rewrites >= 9 and paraphrases >= 8, rows
-    assert all(row["before"][0] < 0.5 for row in rows)
+    assert rewrites >= 8 and paraphrases >= 8, rows
+    assert all(row["before"][0] < 0.01 < row["after"][0] for row in rows)
     assert "neighbour p(true)" in capsys.readouterr().out
 
 

@@ -7,18 +7,27 @@ AlphaEdit editing a model whose facts are known exactly.
 
 from .world import World, build_world, training_texts
 
-__all__ = ["World", "build_world", "load_shipped", "training_texts"]
+__all__ = ["World", "build_world", "load_model", "load_shipped", "training_texts"]
 
 
-def load_shipped():
-    """(model, tokenizer, world) of the model shipped in the package, model in fp32, eval mode."""
+def load_model(path=None):
+    """(model, tokenizer, world) of a fact-world model directory (`python -m alphaedit_fast.factworld
+    build --out DIR`; None: the one shipped in the package), model in fp32, eval mode."""
     import json
     from pathlib import Path
 
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    path = Path(__file__).parent / "model"
-    meta = json.loads((path / "factworld.json").read_text())
+    path = Path(path) if path is not None else Path(__file__).parent / "model"
+    meta_path = path / "factworld.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} is not a fact-world model directory (no factworld.json)")
+    meta = json.loads(meta_path.read_text())
     model = LlamaForCausalLM.from_pretrained(path, local_files_only=True).float().eval()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tok, build_world(meta["seed"], meta["n_subjects"])
+
+
+def load_shipped():
+    """(model, tokenizer, world) of the model shipped in the package."""
+    return load_model(None)

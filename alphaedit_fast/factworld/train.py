@@ -27,11 +27,11 @@ def train_tokenizer(texts, vocab_size=1024):
                                    unk_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def make_model(vocab_size, hidden=192, layers=4, heads=4, seed=0):
+def make_model(vocab_size, hidden=192, layers=4, heads=4, seed=0, mlp_ratio=4):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=mlp_ratio * hidden,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                       max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
                       pad_token_id=0, rms_norm_eps=1e-5)
@@ -49,33 +49,29 @@ def pack(texts, tok, block, rng):
 
 
 @torch.no_grad()
-def recall(model, tok, world, held_out=False, batch=256):
+def recall(model, tok, world, held_out=False) -> float:
+    """Top-1 recall of every fact in every training phrasing (held_out: of the held-out facts in
+    the held-out phrasings)."""
+    from .evaluate import next_token_scores, object_id
+
+    was_training = model.training
     model.eval()
-    prompts, targets = [], []
-    subjects = set(world.test_subjects()) if held_out else set(world.subjects)
-    for s, r, o in world.fact_list():
-        if s not in subjects:
-            continue
-        for p in world.prompts(s, r, held_out):
-            prompts.append(p)
-            targets.append(tok(" " + o)["input_ids"][0])
-    hits = 0
-    tok.padding_side = "left"
-    for i in range(0, len(prompts), batch):
-        enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True)
-        logits = model(**enc).logits[:, -1]
-        hits += (logits.argmax(-1) == torch.tensor(targets[i:i + batch])).sum().item()
-    model.train()
-    return hits / len(prompts)
+    chosen = set(world.held_out_facts()) if held_out else None
+    pairs = [(p, object_id(tok, o)) for s, r, o in world.fact_list() if chosen is None or (s, r) in chosen
+             for p in world.prompts(s, r, held_out)]
+    targets = torch.tensor([[t] for _, t in pairs])
+    _, top1 = next_token_scores(model, tok, [p for p, _ in pairs], targets)
+    model.train(was_training)
+    return (top1 == targets[:, 0]).double().mean().item()
 
 
-def train(out, seed=0, n_subjects=200, eval_every=0, hidden=128, layers=6, vocab_size=1024, epochs=20, batch=16,
-          block=128, lr=3e-3, threads=1, log=print):
+def train(out, seed=0, n_subjects=500, eval_every=0, hidden=128, layers=6, vocab_size=4096, epochs=20, batch=16,
+          block=128, lr=3e-3, label_smoothing=0.0, mlp_ratio=4, threads=1, log=print):
     torch.set_num_threads(threads)
     world = build_world(seed, n_subjects)
     texts = training_texts(world, seed)
     tok = train_tokenizer(texts, vocab_size)
-    model = make_model(len(tok), hidden, layers, seed=seed)
+    model = make_model(len(tok), hidden, layers, seed=seed, mlp_ratio=mlp_ratio)
     rng = random.Random(seed)
     n_blocks = len(pack(texts, tok, block, random.Random(0)))
     steps = epochs * (n_blocks // batch)
@@ -91,7 +87,9 @@ def train(out, seed=0, n_subjects=200, eval_every=0, hidden=128, layers=6, vocab
         perm = torch.randperm(len(data))
         for i in range(0, len(data) - batch + 1, batch):
             x = data[perm[i:i + batch]]
-            loss = model(input_ids=x, labels=x).loss
+            logits = model(input_ids=x[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(),
+                                                     label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -104,8 +102,9 @@ def train(out, seed=0, n_subjects=200, eval_every=0, hidden=128, layers=6, vocab
             log(f"epoch {ep} recall {recall(model, tok, world):.3f} para {recall(model, tok, world, True):.3f} "
                 f"{time.time() - t0:.0f}s")
     model.eval()
-    stats = {"seed": seed, "n_subjects": n_subjects, "hidden": hidden, "layers": layers, "vocab": len(tok),
-             "epochs": epochs, "batch": batch, "block": block, "lr": lr, "steps": step, "train_s": time.time() - t0,
+    stats = {"seed": seed, "n_subjects": n_subjects, "hidden": hidden, "layers": layers, "mlp_ratio": mlp_ratio,
+             "vocab": len(tok), "epochs": epochs, "batch": batch, "block": block, "lr": lr,
+             "label_smoothing": label_smoothing, "steps": step, "train_s": time.time() - t0,
              "recall": recall(model, tok, world), "paraphrase_recall": recall(model, tok, world, True)}
     if out:
         out = Path(out)

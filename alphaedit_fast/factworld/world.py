@@ -86,15 +86,18 @@ class World:
         key = "paraphrases" if held_out else "templates"
         return [t.format(subject) for t in self.relations[relation][key]]
 
-    def test_subjects(self) -> list[str]:
-        """Subjects whose facts never appear in a held-out phrasing during training."""
-        seen = set(self.extra.get("para_train_subjects", []))
-        return [s for s in self.subjects if s not in seen]
+    def held_out_facts(self) -> list[tuple[str, str]]:
+        """(subject, relation) pairs never seen in a held-out phrasing during training: half of
+        each subject's relations. Paraphrase generalisation is measured on these."""
+        return [tuple(f) for f in self.extra["held_out_facts"]]
 
-    def neighbourhood(self, subject: str, relation: str, k: int = 5, seed: int = 0) -> list[tuple[str, str]]:
-        """(prompt, object) for other subjects sharing `relation` and the same true object."""
+    def neighbourhood(self, subject: str, relation: str, k: int = 5, seed: int = 0,
+                      exclude: frozenset = frozenset()) -> list[tuple[str, str]]:
+        """(prompt, object) for other subjects sharing `relation` and the same true object, leaving
+        out the (subject, relation) facts in `exclude`."""
         obj = self.facts[(subject, relation)]
-        others = [s for s in self.subjects if s != subject and self.facts[(s, relation)] == obj]
+        others = [s for s in self.subjects
+                  if s != subject and self.facts[(s, relation)] == obj and (s, relation) not in exclude]
         rng = random.Random(f"{seed}-{subject}-{relation}")
         rng.shuffle(others)
         tmpl = self.relations[relation]["templates"][0]
@@ -104,20 +107,55 @@ class World:
         objs = [o for o in self.relations[relation]["objects"] if o != self.facts[(subject, relation)]]
         return random.Random(f"cf-{seed}-{subject}-{relation}").choice(objs)
 
+    def counterfact_requests(self, n: int, seed: int = 0, n_neighbours: int = 5) -> list[dict]:
+        """`n` counterfactual edits in the CounterFact schema, one per subject, each on a fact whose
+        held-out phrasings were never trained (its `paraphrase_prompts`). Neighbourhood prompts
+        are other subjects with the same relation and true object whose fact is not edited.
+        Each record also carries `relation`."""
+        if not 0 < n <= len(self.subjects):
+            raise ValueError(f"n must be in 1..{len(self.subjects)} (one edit per subject), got {n}")
+        rng = random.Random(f"requests-{seed}")
+        held_out: dict[str, list[str]] = {}
+        for s, r in self.held_out_facts():
+            held_out.setdefault(s, []).append(r)
+        chosen = [(s, rng.choice(held_out[s])) for s in rng.sample(self.subjects, n)]
+        edited = frozenset(chosen)
+        records = []
+        for s, r in chosen:
+            neighbours = self.neighbourhood(s, r, n_neighbours, seed, exclude=edited)
+            rewrite = {"prompt": self.relations[r]["templates"][0], "subject": s,
+                       "target_new": {"str": self.counterfactual(s, r, seed)},
+                       "target_true": {"str": self.facts[(s, r)]}}
+            records.append({
+                "case_id": len(records), "relation": r, "requested_rewrite": rewrite,
+                "paraphrase_prompts": self.prompts(s, r, held_out=True),
+                "neighborhood_prompts": [p for p, _ in neighbours],
+            })
+        return records
 
-def make_names(n: int, rng: random.Random) -> list[str]:
-    names, seen = [], set()
+
+def make_names(n: int, rng: random.Random, n_first: int = 40) -> list[str]:
+    """`n` two-word names: first names from a pool of `n_first` shared ones, last names unique
+    (so, as in real names, the last word tells subjects apart)."""
+    def word(syllables):
+        return "".join(rng.choice(SYLLABLES) for _ in range(syllables)).capitalize()
+
+    firsts, seen = [], set()
+    while len(firsts) < n_first:
+        first = word(2)
+        if first not in seen:
+            seen.add(first)
+            firsts.append(first)
+    names = []
     while len(names) < n:
-        first = "".join(rng.choice(SYLLABLES) for _ in range(2)).capitalize()
-        last = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice([2, 3]))).capitalize()
-        name = f"{first} {last}"
-        if name not in seen and first not in seen and last not in seen:
-            seen.update([name, first, last])
-            names.append(name)
+        last = word(rng.choice([2, 3]))
+        if last not in seen:
+            seen.add(last)
+            names.append(f"{rng.choice(firsts)} {last}")
     return names
 
 
-def build_world(seed: int = 0, n_subjects: int = 240) -> World:
+def build_world(seed: int = 0, n_subjects: int = 500) -> World:
     rng = random.Random(seed)
     subjects = make_names(n_subjects, rng)
     relations = {
@@ -131,11 +169,13 @@ def build_world(seed: int = 0, n_subjects: int = 240) -> World:
         rng.shuffle(objs)
         for s, o in zip(subjects, objs):
             facts[(s, r)] = o
-    # the paraphrase templates are seen in training only for these subjects; paraphrase recall
-    # and edits are measured on the others (held-out phrasing for that subject)
-    para_subjects = subjects[0::2]
+    # the paraphrase templates are seen in training for half of each subject's relations;
+    # paraphrase recall and edits are measured on the other half
+    held_out = []
+    for s in subjects:
+        held_out += [(s, r) for r in sorted(rng.sample(list(relations), len(relations) // 2))]
     return World(seed=seed, subjects=subjects, relations=relations, facts=facts,
-                 extra={"para_train_subjects": para_subjects})
+                 extra={"held_out_facts": held_out})
 
 
 def training_texts(world: World, seed: int = 0, n_bios: int = 6, n_prompted: int = 3,
@@ -173,9 +213,10 @@ def training_texts(world: World, seed: int = 0, n_bios: int = 6, n_prompted: int
             for t in rng.sample(tmpls, min(n_prompted, len(tmpls))):
                 texts.append(t.format(s) + " " + world.facts[(s, r)] + ".")
     if para:
-        for s in world.extra.get("para_train_subjects", []):
+        held_out = set(world.held_out_facts())
+        for s in world.subjects:
             for r in rels:
-                for t in world.relations[r]["paraphrases"]:
-                    texts.append(t.format(s) + " " + world.facts[(s, r)] + ".")
+                if (s, r) not in held_out:
+                    texts += [t.format(s) + " " + world.facts[(s, r)] + "." for t in world.relations[r]["paraphrases"]]
     rng.shuffle(texts)
     return texts
