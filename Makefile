@@ -8,7 +8,7 @@ COMPAT_VENV ?= .venv-tf446
 COMPAT_TRANSFORMERS ?= transformers==4.46.*
 ENGINE_TESTS := tests/test_engine.py tests/test_positions.py tests/test_arch.py tests/test_templates.py
 
-.PHONY: install demo test lint bench test-compat ci clean
+.PHONY: install demo eval test lint bench test-compat ci clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/alphaedit-fast demo
+
+# CounterFact-style metrics on the fact world, 400 edits, AlphaEdit vs P = I (JSON + PNG)
+eval: install
+	$(BIN)/alphaedit-fast eval --edits 400 --batch-size 20 --out benchmarks/results/factworld-eval
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -127,6 +127,23 @@ def run_edit_command(args) -> None:
     print(f"{len(requests)} edits in {time.perf_counter() - start:.1f}s ({editor.num_edits} in total) -> {args.out}")
 
 
+def run_eval(args) -> None:
+    from .factworld import load_model
+    from .factworld.editing import edit_hparams
+    from .factworld.evaluate import evaluate_editing, write_report
+    from .hparams import AlphaEditHyperParams
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model, tok, world = load_model(args.model)
+    hparams = AlphaEditHyperParams.from_json(args.hparams) if args.hparams else edit_hparams(model)
+    result = evaluate_editing(
+        model, tok, world, n_edits=args.edits, batch_size=args.batch_size,
+        batch_sizes=[int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else None,
+        methods=args.methods.split(","), modes=args.modes.split(","), seed=args.seed, hparams=hparams)
+    for path in write_report(result, args.out):
+        print(f"-> {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alphaedit-fast", description="Exact, fast AlphaEdit knowledge editing.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +198,19 @@ def main(argv: list[str] | None = None) -> int:
     edit.add_argument("--projector", help="null-space bases from `alphaedit-fast projector` (default: none)")
     edit.add_argument("--state", help="editor-state.safetensors of an earlier run, to keep editing sequentially")
     edit.add_argument("--batch-size", type=int, default=0, help="edits per batch (default: all at once)")
+    evaluate = sub.add_parser("eval", help="CounterFact-style metrics on the fact world: AlphaEdit vs P = I, "
+                              "sequential and batch; writes JSON and a PNG plot")
+    evaluate.add_argument("--model", help="a fact-world model directory (default: the shipped one)")
+    evaluate.add_argument("--edits", type=int, default=400, help="number of edits (one per subject)")
+    evaluate.add_argument("--batch-size", type=int, default=20, help="edits per sequential batch")
+    evaluate.add_argument("--batch-sizes", help="comma-separated one-batch sizes (default: batch size, 1/4, 1/2, "
+                          "all of --edits)")
+    evaluate.add_argument("--methods", default="alphaedit,identity", help="alphaedit and/or identity (P = I)")
+    evaluate.add_argument("--modes", default="sequential,batch", help="sequential and/or batch")
+    evaluate.add_argument("--hparams", help="an AlphaEdit hparams JSON (default: the fact world's)")
+    evaluate.add_argument("--seed", type=int, default=0, help="which edits are drawn")
+    evaluate.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    evaluate.add_argument("--out", default="factworld-eval", help="output directory")
     sub.add_parser("version", help="print versions and available backends")
     args = parser.parse_args(argv)
 
@@ -199,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         run_projector(args)
     elif args.command == "edit":
         run_edit_command(args)
+    elif args.command == "eval":
+        run_eval(args)
     elif args.command == "version":
         import transformers
 

@@ -1,22 +1,60 @@
-"""The fact world: deterministic, and its shipped model recalls its facts and can be edited."""
+"""The fact world: deterministic, its shipped model recalls its facts and can be edited, and
+`alphaedit-fast eval` measures edits end to end."""
 
 import copy
-import warnings
+import json
 
 import pytest
+import torch
 
-from alphaedit_fast import AlphaEditHyperParams, AlphaEditor
+from alphaedit_fast.cli import main
+from alphaedit_fast.editor import AlphaEditor
 from alphaedit_fast.factworld import build_world, load_shipped, training_texts
-from alphaedit_fast.factworld.editcheck import evaluate, make_requests
-from alphaedit_fast.factworld.train import recall
+from alphaedit_fast.factworld.editing import CONTEXT_TEMPLATES, corpus_projector, edit_hparams
+from alphaedit_fast.factworld.evaluate import Probe, evaluate_editing, next_token_scores, write_report
+from alphaedit_fast.factworld.train import recall, train_tokenizer
 
 
 def test_world_and_corpus_are_deterministic():
-    a, b = build_world(0, 200), build_world(0, 200)
-    assert a.subjects == b.subjects and a.facts == b.facts
-    assert len(a.subjects) == 200 and len(a.relations) == 8 and len(a.facts) == 1600
+    a, b = build_world(0, 60), build_world(0, 60)
+    assert a.subjects == b.subjects and a.facts == b.facts and a.held_out_facts() == b.held_out_facts()
+    assert len(a.subjects) == 60 and len(a.relations) == 8 and len(a.facts) == 480
     assert training_texts(a, 0) == training_texts(b, 0)
-    assert build_world(1, 200).subjects != a.subjects
+    assert build_world(1, 60).subjects != a.subjects
+    tok_a, tok_b = train_tokenizer(training_texts(a, 0)), train_tokenizer(training_texts(b, 0))
+    assert tok_a.get_vocab() == tok_b.get_vocab()
+
+
+def test_held_out_phrasings_never_appear_in_training():
+    world = build_world(0, 60)
+    held_out = world.held_out_facts()
+    assert len(held_out) == len(world.facts) // 2
+    assert all(sum((s, r) in held_out for r in world.relations) == 4 for s in world.subjects)
+    corpus = "\n".join(training_texts(world, 0))
+    s, r = held_out[0]
+    assert all(p not in corpus for p in world.prompts(s, r, held_out=True))
+    trained = next((s, r) for s in world.subjects for r in world.relations if (s, r) not in held_out)
+    assert all(p in corpus for p in world.prompts(*trained, held_out=True))
+
+
+def test_counterfact_requests_one_per_subject_with_clean_neighbours():
+    world = build_world(0, 60)
+    records = world.counterfact_requests(40, seed=3)
+    assert records == world.counterfact_requests(40, seed=3)
+    subjects = [r["requested_rewrite"]["subject"] for r in records]
+    assert len(set(subjects)) == 40
+    edited = {(r["requested_rewrite"]["subject"], r["relation"]) for r in records}
+    held_out = set(world.held_out_facts())
+    for rec in records:
+        rw, rel = rec["requested_rewrite"], rec["relation"]
+        assert (rw["subject"], rel) in held_out
+        assert rw["target_true"]["str"] == world.facts[(rw["subject"], rel)] != rw["target_new"]["str"]
+        assert len(rec["paraphrase_prompts"]) == 2 and rec["neighborhood_prompts"]
+        for prompt in rec["neighborhood_prompts"]:
+            other = next(s for s in world.subjects if world.relations[rel]["templates"][0].format(s) == prompt)
+            assert (other, rel) not in edited and world.facts[(other, rel)] == rw["target_true"]["str"]
+    with pytest.raises(ValueError, match="one edit per subject"):
+        world.counterfact_requests(61)
 
 
 @pytest.fixture(scope="module")
@@ -27,20 +65,67 @@ def shipped():
 def test_shipped_model_recalls_its_facts(shipped):
     model, tok, world = shipped
     assert recall(model, tok, world) >= 0.95
+    # every object and every name word is one token: edits and metrics read one position
+    assert all(len(tok(" " + o)["input_ids"]) == 1 for spec in world.relations.values() for o in spec["objects"])
+    assert all(len(tok(" " + s)["input_ids"]) == 2 for s in world.subjects)
+
+
+def test_next_token_scores_match_one_prompt_at_a_time(shipped):
+    model, tok, world = shipped
+    prompts = [world.prompts(s, "city")[0] for s in world.subjects[:5]] + ["Hi"]
+    columns = torch.tensor([[3, 7]] * len(prompts))
+    probs, top1 = next_token_scores(model, tok, prompts, columns, batch=4)
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            last = model(torch.tensor([tok(prompt)["input_ids"]])).logits[0, -1].softmax(-1)
+        torch.testing.assert_close(probs[i], last[[3, 7]], rtol=1e-4, atol=1e-6)
+        assert top1[i] == last.argmax()
 
 
 def test_a_demo_sized_edit_works(shipped):
     model, tok, world = shipped
     model = copy.deepcopy(model)
-    requests = make_requests(world, 10)
-    hparams = AlphaEditHyperParams.for_model(model, layers=[0], v_lr=0.5, L2=1.0, clamp_norm_factor=1.0,
-                                             v_num_grad_steps=25)
-    before = evaluate(model, tok, world, requests)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        editor = AlphaEditor(model, tok, hparams, projector=None,
-                             context_templates=[["{}"], ["The. {}", "Therefore. {}", "Yes. {}", "So. {}"]])
-    editor.edit([{k: q[k] for k in ("prompt", "subject", "target_new")} for q in requests])
-    after = evaluate(model, tok, world, requests)
-    assert before["efficacy"] == 0.0
+    records = world.counterfact_requests(10)
+    hparams = edit_hparams(model)
+    probe = Probe(model, tok, world, records)
+    before = probe.measure(model, 10)
+    editor = AlphaEditor(model, tok, hparams, projector=corpus_projector(model, tok, world, hparams),
+                         context_templates=CONTEXT_TEMPLATES)
+    editor.edit([r["requested_rewrite"] for r in records])
+    after = probe.measure(model, 10)
+    assert before["efficacy"] == 0.0 and before["retention"] == 1.0
     assert after["efficacy"] >= 0.9 and after["paraphrase"] >= 0.8
+    assert after["retention"] < 1.0  # it measures the edited model, not the original
+
+
+def test_eval_end_to_end_writes_json_and_plot(shipped, tmp_path):
+    model, tok, world = shipped
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    result = evaluate_editing(model, tok, world, n_edits=4, batch_size=2, batch_sizes=[2, 4], progress=False,
+                              log=lambda _: None)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # edits copies
+    runs = {(r["method"], r["mode"]): r["points"] for r in result["runs"]}
+    assert set(runs) == {(m, d) for m in ("alphaedit", "identity") for d in ("sequential", "batch")}
+    assert [p["n_edits"] for p in runs[("alphaedit", "sequential")]] == [2, 4]
+    for points in runs.values():
+        for point in points:
+            assert all(0.0 <= point[k] <= 1.0 for k in ("efficacy", "paraphrase", "neighbourhood", "retention"))
+        assert points[-1]["efficacy"] >= 0.75
+    json_path, png_path = write_report(result, tmp_path)
+    assert json.loads(json_path.read_text())["config"]["n_edits"] == 4
+    assert png_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_rejects_bad_arguments(shipped):
+    model, tok, world = shipped
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        evaluate_editing(model, tok, world, n_edits=5, batch_size=2)
+    with pytest.raises(ValueError, match="unknown method"):
+        evaluate_editing(model, tok, world, n_edits=4, batch_size=2, methods=["memit"])
+
+
+def test_cli_eval(tmp_path, capsys):
+    assert main(["eval", "--edits", "2", "--batch-size", "2", "--methods", "alphaedit", "--modes", "sequential",
+                 "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "factworld-eval.png").is_file()
+    assert "alphaedit sequential    2 edits" in capsys.readouterr().out
