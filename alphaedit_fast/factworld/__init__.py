@@ -2,7 +2,8 @@
 AlphaEdit editing a model whose facts are known exactly.
 
     python -m alphaedit_fast.factworld build --out DIR       # world + tokenizer + model
-    python -m alphaedit_fast.factworld.editcheck DIR --trace --grid
+    python -m alphaedit_fast.factworld.causal_trace [DIR]              # where facts are written
+    alphaedit-fast eval [--model DIR]                                 # CounterFact-style metrics
 """
 
 from .world import World, build_world, training_texts

@@ -14,7 +14,8 @@ from ..projector import nullspace_basis
 from ..stats import collect_statistics
 from .world import World, training_texts
 
-# the fact is written at the subject's last token in layer 0 (see editcheck.causal_trace)
+# the facts sit at the subject's last token in layers 0-2 (causal_trace.py); layer 0 edits best; at 100
+# sequential edits a clamp of 0.6 gave efficacy 0.90 / retention 0.73, 1.0 gave 0.96 / 0.45
 EDIT_HPARAMS = {"layers": [0], "v_lr": 0.5, "L2": 1.0, "clamp_norm_factor": 0.6, "v_num_grad_steps": 25}
 CONTEXT_TEMPLATES = [["{}"], ["The. {}", "Therefore. {}", "Yes. {}", "So. {}"]]
 NULLSPACE_RELATIVE = 1e-2
