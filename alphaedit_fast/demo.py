@@ -58,20 +58,13 @@ def run_tiny_demo(family: str = "llama", seed: int = 0) -> list[tuple[str, float
     return rows
 
 
-def next_token_probability(model, tok, prompt: str, word: str) -> float:
-    """p(first token of " word" | prompt)."""
-    ids = tok(prompt, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        probs = model(ids).logits[0, -1].float().softmax(-1)
-    return float(probs[tok(" " + word)["input_ids"][0]])
-
-
 def run_demo(n_edits: int = 10, seed: int = 0) -> list[dict]:
     """Edit the shipped fact-world model with `n_edits` counterfactuals in one batch, under a
     null-space projector computed from its own corpus; print a before/after table."""
     from .editor import AlphaEditor
     from .factworld import load_shipped
     from .factworld.editing import CONTEXT_TEMPLATES, corpus_projector, edit_hparams
+    from .factworld.evaluate import next_token_scores, object_id
 
     start = time.perf_counter()
     model, tok, world = load_shipped()
@@ -88,11 +81,14 @@ def run_demo(n_edits: int = 10, seed: int = 0) -> list[dict]:
                      "new": rw["target_new"]["str"], "neighbour": rec["neighborhood_prompts"][0],
                      "neighbour_object": rw["target_true"]["str"]})
 
+    asked = [(row[prompt], row[word]) for row in rows
+             for prompt, word in (("prompt", "new"), ("paraphrase", "new"), ("neighbour", "neighbour_object"))]
+    columns = torch.tensor([[object_id(tok, word)] for _, word in asked])
+
     def measure(key):
-        for row in rows:
-            row[key] = (next_token_probability(model, tok, row["prompt"], row["new"]),
-                        next_token_probability(model, tok, row["paraphrase"], row["new"]),
-                        next_token_probability(model, tok, row["neighbour"], row["neighbour_object"]))
+        probs, _ = next_token_scores(model, tok, [prompt for prompt, _ in asked], columns)
+        for row, (rewrite, paraphrase, neighbour) in zip(rows, probs[:, 0].view(-1, 3).tolist()):
+            row[key] = (rewrite, paraphrase, neighbour)
 
     measure("before")
     editor = AlphaEditor(model, tok, hparams, projector=bases, context_templates=CONTEXT_TEMPLATES)

@@ -12,10 +12,7 @@ import random
 import torch
 
 from . import load_model
-
-
-def first_id(tok, word):
-    return tok(" " + word)["input_ids"][0]
+from .evaluate import object_id
 
 
 def subject_span(tok, prompt, subject):
@@ -39,7 +36,7 @@ def causal_trace(model, tok, world, n=60, noise=3.0, seed=0):
         prompt = world.relations[r]["templates"][0].format(s)
         ids, span = subject_span(tok, prompt, s)
         x = torch.tensor([ids])
-        target = first_id(tok, o)
+        target = object_id(tok, o)
         clean_h = []
         def keep(m, a, out, store=clean_h):
             store.append((out[0] if isinstance(out, tuple) else out).clone())

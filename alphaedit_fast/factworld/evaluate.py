@@ -38,6 +38,14 @@ def object_id(tok, word: str) -> int:
     return tok(" " + word)["input_ids"][0]
 
 
+def fact_items(world: World, held_out: bool = False) -> list[tuple[str, str, str, str]]:
+    """(subject, relation, prompt, object) for every fact in every training phrasing (held_out:
+    every held-out fact in every held-out phrasing)."""
+    chosen = set(world.held_out_facts()) if held_out else None
+    return [(s, r, prompt, o) for s, r, o in world.fact_list() if chosen is None or (s, r) in chosen
+            for prompt in world.prompts(s, r, held_out)]
+
+
 @torch.no_grad()
 def next_token_scores(model, tok, prompts: list[str], columns: torch.Tensor, batch: int = 512):
     """p(columns[i] | prompts[i]) as (n, k) and the top-1 token (n,) at each prompt's end."""
@@ -63,10 +71,10 @@ class Probe:
 
     def __init__(self, model, tok, world: World, records: list[dict]):
         self.tok, self.world, self.records = tok, world, records
-        facts = [(s, r, o) for s, r, o in world.fact_list() for _ in world.relations[r]["templates"]]
-        self.fact_keys = [(s, r) for s, r, _ in facts]
-        self.fact_prompts = [t.format(s) for s, r, _ in world.fact_list() for t in world.relations[r]["templates"]]
-        self.fact_ids = torch.tensor([[object_id(tok, o)] for _, _, o in facts])
+        items = fact_items(world)
+        self.fact_keys = [(s, r) for s, r, _, _ in items]
+        self.fact_prompts = [prompt for _, _, prompt, _ in items]
+        self.fact_ids = torch.tensor([[object_id(tok, o)] for _, _, _, o in items])
         _, top1 = next_token_scores(model, tok, self.fact_prompts, self.fact_ids)
         self.recalled_before = top1 == self.fact_ids[:, 0]
 

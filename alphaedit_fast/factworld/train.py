@@ -52,15 +52,13 @@ def pack(texts, tok, block, rng):
 def recall(model, tok, world, held_out=False) -> float:
     """Top-1 recall of every fact in every training phrasing (held_out: of the held-out facts in
     the held-out phrasings)."""
-    from .evaluate import next_token_scores, object_id
+    from .evaluate import fact_items, next_token_scores, object_id
 
     was_training = model.training
     model.eval()
-    chosen = set(world.held_out_facts()) if held_out else None
-    pairs = [(p, object_id(tok, o)) for s, r, o in world.fact_list() if chosen is None or (s, r) in chosen
-             for p in world.prompts(s, r, held_out)]
-    targets = torch.tensor([[t] for _, t in pairs])
-    _, top1 = next_token_scores(model, tok, [p for p, _ in pairs], targets)
+    items = fact_items(world, held_out)
+    targets = torch.tensor([[object_id(tok, o)] for _, _, _, o in items])
+    _, top1 = next_token_scores(model, tok, [prompt for _, _, prompt, _ in items], targets)
     model.train(was_training)
     return (top1 == targets[:, 0]).double().mean().item()
 
