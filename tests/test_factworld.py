@@ -10,6 +10,7 @@ import torch
 from alphaedit_fast.cli import main
 from alphaedit_fast.editor import AlphaEditor
 from alphaedit_fast.factworld import build_world, load_shipped, training_texts
+from alphaedit_fast.factworld.causal_trace import causal_trace
 from alphaedit_fast.factworld.editing import CONTEXT_TEMPLATES, corpus_projector, edit_hparams
 from alphaedit_fast.factworld.evaluate import Probe, evaluate_editing, next_token_scores, write_report
 from alphaedit_fast.factworld.train import recall, train_tokenizer
@@ -68,6 +69,17 @@ def test_shipped_model_recalls_its_facts(shipped):
     # every object and every name word is one token: edits and metrics read one position
     assert all(len(tok(" " + o)["input_ids"]) == 1 for spec in world.relations.values() for o in spec["objects"])
     assert all(len(tok(" " + s)["input_ids"]) == 2 for s in world.subjects)
+
+
+@pytest.mark.parametrize("relation", ["instrument", "city"])
+def test_shipped_model_writes_facts_at_the_subject(shipped, relation):
+    """Causal trace: restoring the subject's last token at the edited layer brings the fact back (what
+    AlphaEdit's subject_last edits rely on), restoring the last token at that layer does not."""
+    model, tok, world = shipped
+    layer = edit_hparams(model).layers[0]
+    res = causal_trace(model, tok, world, n=6, relation=relation)
+    assert res["clean"] > 0.9 and res["corrupt"] < 0.3
+    assert res["subj"][layer] > 0.6 and res["last"][layer] < 0.3, res
 
 
 def test_next_token_scores_match_one_prompt_at_a_time(shipped):

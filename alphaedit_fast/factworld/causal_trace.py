@@ -24,10 +24,11 @@ def subject_span(tok, prompt, subject):
 
 
 @torch.no_grad()
-def causal_trace(model, tok, world, n=60, noise=3.0, seed=0):
-    """Mean recovered p(object) restoring the layer-l output at the subject's last token vs the last token."""
+def causal_trace(model, tok, world, n=60, noise=3.0, seed=0, relation=None):
+    """Mean recovered p(object) restoring the layer-l output at the subject's last token vs the last token,
+    over `n` facts (of `relation` only, if given)."""
     rng = random.Random(seed)
-    facts = rng.sample(world.fact_list(), n)
+    facts = rng.sample([f for f in world.fact_list() if relation in (None, f[1])], n)
     layers = model.model.layers
     emb_std = model.model.embed_tokens.weight.std().item()
     L = len(layers)
@@ -78,13 +79,15 @@ def causal_trace(model, tok, world, n=60, noise=3.0, seed=0):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m alphaedit_fast.factworld.causal_trace")
     ap.add_argument("path", nargs="?", help="a fact-world model directory (default: the shipped one)")
-    ap.add_argument("--n", type=int, default=60, help="facts traced")
+    ap.add_argument("--n", type=int, default=60, help="facts traced (per relation with --by-relation)")
+    ap.add_argument("--by-relation", action="store_true", help="one line per relation")
     a = ap.parse_args(argv)
     model, tok, world = load_model(a.path)
-    res = causal_trace(model, tok, world, n=a.n)
-    print("clean {:.3f} corrupt {:.3f}".format(res["clean"], res["corrupt"]))
-    print("restore subj-last:", " ".join(f"{v:.3f}" for v in res["subj"]))
-    print("restore last tok :", " ".join(f"{v:.3f}" for v in res["last"]))
+    for relation in list(world.relations) if a.by_relation else [None]:
+        res = causal_trace(model, tok, world, n=a.n, relation=relation)
+        print(f"{relation or 'all facts':>10}: clean {res['clean']:.2f} corrupt {res['corrupt']:.2f} | restore "
+              f"subject-last {' '.join(f'{v:.2f}' for v in res['subj'])} | last token "
+              f"{' '.join(f'{v:.2f}' for v in res['last'])}")
 
 
 if __name__ == "__main__":

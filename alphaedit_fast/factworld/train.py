@@ -102,7 +102,7 @@ def train(out, seed=0, n_subjects=500, eval_every=0, hidden=128, layers=6, vocab
     model.eval()
     stats = {"seed": seed, "n_subjects": n_subjects, "hidden": hidden, "layers": layers, "mlp_ratio": mlp_ratio,
              "vocab": len(tok), "epochs": epochs, "batch": batch, "block": block, "lr": lr,
-             "label_smoothing": label_smoothing, "steps": step, "train_s": time.time() - t0,
+             "label_smoothing": label_smoothing, "threads": threads, "steps": step, "train_s": time.time() - t0,
              "recall": recall(model, tok, world), "paraphrase_recall": recall(model, tok, world, True)}
     if out:
         out = Path(out)
