@@ -1,7 +1,7 @@
 """Causal tracing of a fact-world model: where is a fact written? (ROME's method: noise on the
 subject's embeddings, then restore one clean hidden state and see how much of p(object) returns.)
 
-python -m alphaedit_fast.factworld.causal_trace [DIR]
+python -m alphaedit_fast.factworld.causal_trace [DIR] [--by-relation]
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import random
 
 import torch
 
+from ..trace import hidden_of, with_hidden
 from . import load_model
 from .evaluate import object_id
 
@@ -40,7 +41,7 @@ def causal_trace(model, tok, world, n=60, noise=3.0, seed=0, relation=None):
         target = object_id(tok, o)
         clean_h = []
         def keep(m, a, out, store=clean_h):
-            store.append((out[0] if isinstance(out, tuple) else out).clone())
+            store.append(hidden_of(out).clone())
 
         hs = [layer.register_forward_hook(keep) for layer in layers]
         p_clean = model(x).logits[0, -1].softmax(-1)[target].item()
@@ -58,10 +59,9 @@ def causal_trace(model, tok, world, n=60, noise=3.0, seed=0, relation=None):
             handles = [model.model.embed_tokens.register_forward_hook(corrupt)]
             if restore_layer is not None:
                 def rest(m, a, out, clean_h=clean_h, restore_layer=restore_layer, pos=pos):
-                    hid = out[0] if isinstance(out, tuple) else out
-                    hid = hid.clone()
+                    hid = hidden_of(out).clone()
                     hid[0, pos] = clean_h[restore_layer][0, pos]
-                    return (hid, *out[1:]) if isinstance(out, tuple) else hid
+                    return with_hidden(out, hid)
                 handles.append(layers[restore_layer].register_forward_hook(rest))
             p = model(x).logits[0, -1].softmax(-1)[target].item()
             for h in handles:

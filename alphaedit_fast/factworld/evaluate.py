@@ -25,7 +25,7 @@ import torch
 
 from ..arch import get_module, key_width
 from ..editor import AlphaEditor
-from ..positions import pad_token_id
+from ..positions import encode_batch
 from .editing import CONTEXT_TEMPLATES, corpus_projector, edit_hparams
 from .world import World
 
@@ -50,16 +50,11 @@ def fact_items(world: World, held_out: bool = False) -> list[tuple[str, str, str
 def next_token_scores(model, tok, prompts: list[str], columns: torch.Tensor, batch: int = 512):
     """p(columns[i] | prompts[i]) as (n, k) and the top-1 token (n,) at each prompt's end."""
     probs, top1 = [], []
-    pad = pad_token_id(tok)
     device = model.get_input_embeddings().weight.device
     for start in range(0, len(prompts), batch):
-        ids = [tok(p)["input_ids"] for p in prompts[start:start + batch]]
-        lengths = torch.tensor([len(x) for x in ids], device=device)
-        width = int(lengths.max())
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
-        mask = (torch.arange(width, device=device)[None] < lengths[:, None]).long()
+        input_ids, mask = encode_batch(tok, prompts[start:start + batch], device)
         logits = model(input_ids=input_ids, attention_mask=mask).logits
-        last = logits[torch.arange(len(ids), device=device), lengths - 1].float()
+        last = logits[torch.arange(len(input_ids), device=device), mask.sum(1) - 1].float()
         probs.append(last.softmax(-1).gather(1, columns[start:start + batch].to(device)).cpu())
         top1.append(last.argmax(-1).cpu())
     return torch.cat(probs), torch.cat(top1)
