@@ -5,6 +5,7 @@ from .editor import AlphaEditor, apply_AlphaEdit_to_model
 from .errors import (
     AlphaEditError,
     HyperParamsError,
+    InvalidArgumentError,
     InvalidRequestError,
     ModelStructureError,
     NonFiniteError,
@@ -25,6 +26,7 @@ __all__ = [
     "AlphaEditor",
     "AlphaEditHyperParams",
     "HyperParamsError",
+    "InvalidArgumentError",
     "InvalidRequestError",
     "ModelSpec",
     "ModelStructureError",

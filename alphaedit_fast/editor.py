@@ -8,77 +8,38 @@ import os
 import tempfile
 import warnings
 import weakref
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from .arch import get_module, key_width, stores_keys_first
-from .errors import InvalidRequestError, ModelStructureError, ShapeError, require_finite
+from .arch import key_width, stores_keys_first
+from .errors import InvalidArgumentError, InvalidRequestError, require_finite
 from .hparams import AlphaEditHyperParams
 from .keys import compute_keys
 from .modelstate import frozen, restore_on_error
-from .positions import split_template
 from .projector import basis_from_projector
 from .requests import normalize_requests
 from .solve import DenseSolver, FactoredDenseSolver, ProjectedSolver
 from .storage import StatsFileError, load_tensors, model_fingerprint, save_tensors
 from .templates import get_context_templates
 from .timing import Phases
-from .values import compute_zs
+from .validation import (
+    as_bases,
+    as_hparams,
+    check_context_templates,
+    check_model,
+    check_options,
+    check_projector,
+    check_requests_for_model,
+    layer_stack,
+    model_width,
+)
+from .values import optimise_zs
 
 log = logging.getLogger(__name__)
-
-
-def as_hparams(hparams: Any) -> AlphaEditHyperParams:
-    """Our hyper-parameters from ours, a dict, or any object with the original's attributes."""
-    if isinstance(hparams, AlphaEditHyperParams):
-        return hparams
-    if isinstance(hparams, dict):
-        return AlphaEditHyperParams.from_dict(hparams)
-    return AlphaEditHyperParams.from_dict(dict(vars(hparams)))
-
-
-def check_model(model, hparams: AlphaEditHyperParams) -> list[torch.nn.Module]:
-    """Every module the edit touches exists; returns the rewrite modules, one per layer."""
-    z_layer = hparams.layers[-1]
-    for name in (hparams.layer_module_tmp.format(z_layer),
-                 hparams.layer_module_tmp.format(max(hparams.v_loss_layer, z_layer)),
-                 hparams.ln_f_module, hparams.lm_head_module):
-        get_module(model, name)
-    modules = [get_module(model, hparams.rewrite_module_tmp.format(layer)) for layer in hparams.layers]
-    widths = {key_width(m) for m in modules}
-    if len(widths) != 1:
-        raise ModelStructureError(f"rewrite modules of layers {hparams.layers} differ in input width: {widths}")
-    return modules
-
-
-def check_context_templates(context_templates) -> list[list[str]]:
-    if not context_templates or not all(isinstance(g, (list, tuple)) and g for g in context_templates):
-        raise InvalidRequestError("context_templates must be a non-empty list of non-empty lists of strings")
-    for group in context_templates:
-        for template in group:
-            split_template(template)
-    return [list(g) for g in context_templates]
-
-
-def layer_stack(value: torch.Tensor | None, n_layers: int, d_k: int, name: str, fill: str) -> torch.Tensor:
-    """Validate P or cache_c, shaped (n_layers, d_k, d_k); None becomes identity or zeros."""
-    if value is None:
-        if fill == "identity":
-            warnings.warn("P=None: editing without a null-space constraint (P = I)", stacklevel=3)
-            return torch.eye(d_k).expand(n_layers, d_k, d_k)
-        return torch.zeros(n_layers, d_k, d_k)
-    if not isinstance(value, torch.Tensor):
-        value = torch.as_tensor(np.asarray(value))
-    if tuple(value.shape) != (n_layers, d_k, d_k):
-        raise ShapeError(
-            f"{name} must have shape (len(layers), d_k, d_k) = {(n_layers, d_k, d_k)}, got {tuple(value.shape)}"
-        )
-    require_finite(value, name)
-    return value
 
 
 def z_cache_path(cache_template: str | None, hparams: AlphaEditHyperParams, request) -> Path | None:
@@ -93,23 +54,35 @@ def target_values(model, tok, requests, hparams, context_templates, cache_templa
     """z of every request (d_model, n) fp32: read from the original's `.npz` cache files when
     `cache_template` names them, the rest optimised together by `compute_zs`."""
     paths = [z_cache_path(cache_template, hparams, r) for r in requests]
+    d_model = model_width(model)
     zs: list[torch.Tensor | None] = [None] * len(requests)
     for i, path in enumerate(paths):
         if path is not None and path.exists():
-            try:
-                with np.load(path, allow_pickle=False) as data:
-                    zs[i] = torch.from_numpy(data["v_star"]).float()
-            except (OSError, KeyError, ValueError) as err:
-                log.warning("ignoring unreadable z cache %s (%s); recomputing", path, err)
+            zs[i] = read_cached_z(path, d_model)
     todo = [i for i, z in enumerate(zs) if z is None]
     if todo:
-        computed = compute_zs(model, tok, [requests[i] for i in todo], hparams, hparams.layers[-1],
+        computed = optimise_zs(model, tok, [requests[i] for i in todo], hparams, hparams.layers[-1],
                               context_templates, batch_size=z_batch_size, progress=progress)
         for i, z in zip(todo, computed):
             zs[i] = z.cpu()
             if paths[i] is not None:
                 save_npz_atomically(paths[i], v_star=zs[i].numpy())
     return torch.stack(zs, dim=1)
+
+
+def read_cached_z(path: Path, d_model: int) -> torch.Tensor | None:
+    """v_star (d_model,) fp32 from an original z-cache file, or None (with a warning) when the file
+    is truncated, malformed, of another width or not finite: it is then recomputed."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            z = torch.from_numpy(np.array(data["v_star"], dtype=np.float32))
+        if tuple(z.shape) != (d_model,) or not bool(torch.isfinite(z).all()):
+            raise ValueError(f"v_star has shape {tuple(z.shape)}, expected ({d_model},) with finite values")
+        return z
+    except (OSError, EOFError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as err:
+        warnings.warn(f"ignoring unreadable z cache {path} ({type(err).__name__}: {err}); recomputing it",
+                      stacklevel=4)
+        return None
 
 
 def save_npz_atomically(path: Path, **arrays) -> None:
@@ -120,10 +93,21 @@ def save_npz_atomically(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def check_edit(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, context_templates,
+               cache_template: str | None, z_batch_size) -> None:
+    """Everything about one batch of edits that can be checked before any work starts."""
+    hparams.validate()  # fields may have been set since construction
+    check_model(model, hparams)
+    check_requests_for_model(model, tok, requests, context_templates)
+    check_options(z_batch_size=z_batch_size)
+    for request in requests if cache_template is not None else []:
+        z_cache_path(cache_template, hparams, request)
+
+
 def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templates, solver, *,
              cache_template: str | None = None, z_batch_size: int | None = None, progress: bool = False,
              timings: dict[str, float] | None = None) -> dict[int, torch.Tensor]:
-    """DESIGN steps 3-5 on validated inputs; `solver` gives each layer's update and absorbs the
+    """DESIGN steps 3-5 on inputs `check_edit` has passed; `solver` gives each layer's update and absorbs the
     new keys (solve.DenseSolver or solve.ProjectedSolver). Returns {layer: update (d_k, d_model)}.
 
     Either every layer is edited and the solver has absorbed the keys, or the weights are
@@ -200,15 +184,21 @@ def apply_AlphaEdit_to_model(  # noqa: N802 - the original's name
     hparams = as_hparams(hparams)
     requests = normalize_requests(requests)
     modules = check_model(model, hparams)
+    if solver not in ("auto", "dense"):
+        raise InvalidArgumentError(f"solver must be 'auto' or 'dense', got {solver!r}")
+    unknown = sorted(set(options) - {"z_batch_size", "progress", "timings"})
+    if unknown:
+        raise InvalidArgumentError(f"unknown option(s) {unknown}; apply_AlphaEdit_to_model takes z_batch_size, "
+                                   "progress and timings besides the original's arguments")
     d_k, n_layers = key_width(modules[0]), len(hparams.layers)
     constrained = P is not None
     P = layer_stack(P, n_layers, d_k, "P", "identity")  # the caller's tensor itself when valid
+    if constrained:
+        check_projector(P)
     cache_c = layer_stack(cache_c, n_layers, d_k, "cache_c", "zeros")
-    if context_templates is None:
-        context_templates = get_context_templates(model, tok)
-    context_templates = check_context_templates(context_templates)
-    if solver not in ("auto", "dense"):
-        raise ValueError(f"solver must be 'auto' or 'dense', got {solver!r}")
+    context_templates = check_context_templates(
+        context_templates if context_templates is not None else get_context_templates(model, tok))
+    check_edit(model, tok, requests, hparams, context_templates, cache_template, options.get("z_batch_size"))
     bases = None
     if solver == "auto" and constrained:
         bases = factored_projector(P, [m.weight.device for m in modules])
@@ -224,11 +214,12 @@ class AlphaEditor:
     """Sequential AlphaEdit on one model: keeps each layer's factored projector U (d_k, r) and
     projected cache U^T C U (r, r) on that layer's device, and solves in the null space.
 
-    projector: per-layer bases U (a list of (d_k, r) tensors, e.g. from `nullspace_basis`, or a
-    {layer: U} dict such as `load_projector` returns), or
-    dense P (len(layers), d_k, d_k) as the original uses (factored once here), or None for no
-    constraint (U = I). cache_c: optional dense (len(layers), d_k, d_k) starting cache.
-    solver: "auto" (Woodbury when keys are few against r, else Cholesky), "cholesky", "woodbury".
+    projector: per-layer bases U with orthonormal columns (a list of (d_k, r) tensors or arrays,
+    e.g. from `nullspace_basis`, or a {layer: U} dict such as `load_projector` returns), or
+    dense P (len(layers), d_k, d_k) as the original uses (a tensor, array or nested list; factored
+    once here), or None for no constraint (U = I). cache_c: optional dense (len(layers), d_k, d_k)
+    starting cache. solver: "auto" (Woodbury when keys are few against r, else Cholesky),
+    "cholesky", "woodbury"; solve_dtype: torch.float32 or torch.float64.
     """
 
     def __init__(self, model, tok, hparams, projector=None, cache_c: torch.Tensor | None = None,
@@ -236,6 +227,7 @@ class AlphaEditor:
                  solve_dtype: torch.dtype = torch.float32, z_batch_size: int | None = None, progress: bool = False):
         self.model, self.tok, self.hparams = model, tok, as_hparams(hparams)
         self.modules = check_model(model, self.hparams)
+        solve_dtype = check_options(solver, z_batch_size, solve_dtype)
         d_k, n_layers = key_width(self.modules[0]), len(self.hparams.layers)
         devices = [m.weight.device for m in self.modules]
         bases = self._bases(projector, self.hparams.layers, d_k)
@@ -252,24 +244,23 @@ class AlphaEditor:
 
     @staticmethod
     def _bases(projector, layers: list[int], d_k: int) -> list[torch.Tensor]:
+        """Per-layer bases U (d_k, r) from any projector form the class docstring lists."""
         n_layers = len(layers)
         if projector is None:
             warnings.warn("projector=None: editing without a null-space constraint (U = I)", stacklevel=3)
             return [torch.eye(d_k)] * n_layers
-        if isinstance(projector, torch.Tensor) and projector.ndim == 3:
+        bases = as_bases(projector, layers, d_k)
+        if bases is None:  # a dense P, as the original's
             dense = layer_stack(projector, n_layers, d_k, "P", "identity")
-            return [basis_from_projector(p) for p in dense]
-        bases = [projector[layer] for layer in layers] if isinstance(projector, dict) else list(projector)
-        if len(bases) != n_layers or any(u.ndim != 2 or u.shape[0] != d_k for u in bases):
-            raise ShapeError(f"projector must be {n_layers} bases of shape (d_k={d_k}, r) or dense "
-                             f"P of shape {(n_layers, d_k, d_k)}")
-        for u in bases:
-            require_finite(u, "projector basis")
+            check_projector(dense)
+            bases = [basis_from_projector(p) for p in dense]
         return bases
 
     def edit(self, requests: Sequence[dict], cache_template: str | None = None) -> dict[str, float]:
         """Apply one batch of edits in place; returns the seconds spent per phase."""
         requests = normalize_requests(requests)
+        check_edit(self.model, self.tok, requests, self.hparams, self.context_templates, cache_template,
+                   self.z_batch_size)
         timings: dict[str, float] = {}
         run_edit(self.model, self.tok, requests, self.hparams, self.context_templates, self.solver,
                  cache_template=cache_template, z_batch_size=self.z_batch_size, progress=self.progress,

@@ -18,7 +18,11 @@ class ModelStructureError(AlphaEditError, LookupError):
 
 
 class ShapeError(AlphaEditError, ValueError):
-    """A tensor argument (P, cache_c, covariance) has the wrong shape."""
+    """A tensor argument (P, cache_c, a projector, a covariance) has the wrong type, shape or structure."""
+
+
+class InvalidArgumentError(AlphaEditError, ValueError):
+    """An option of a public function (solver, z_batch_size, solve_dtype, ...) is out of range."""
 
 
 class NonFiniteError(AlphaEditError, FloatingPointError):

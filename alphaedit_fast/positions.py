@@ -16,13 +16,15 @@ from .errors import InvalidRequestError
 SUBTOKENS = ("last", "first_after_last", "first")
 
 
-def split_template(template: str) -> tuple[str, str]:
-    """(prefix, suffix) around the single `{}` of `template`."""
+def split_template(template: str, what: str = "template") -> tuple[str, str]:
+    """(prefix, suffix) around the single `{}` of `template`, which holds no other brace
+    (`{0}`, `{x}`, a lone `{` or `}` would break `template.format(subject)`)."""
     if not isinstance(template, str) or template.count("{}") != 1:
-        raise InvalidRequestError(
-            f"template {template!r} must contain exactly one '{{}}' where the subject goes"
-        )
+        raise InvalidRequestError(f"{what} {template!r} must contain exactly one '{{}}' where the subject goes")
     prefix, suffix = template.split("{}")
+    if any(brace in prefix + suffix for brace in "{}"):
+        raise InvalidRequestError(f"{what} {template!r} holds a brace besides its one '{{}}' (a field such as "
+                                  "'{0}' or '{x}', or a lone '{' or '}'); remove it")
     return prefix, suffix
 
 

@@ -3,44 +3,56 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import InvalidRequestError
+from .positions import split_template
 
 
-def normalize_request(request: dict[str, Any], index: int = 0) -> dict[str, Any]:
+def describe(request: Mapping[str, Any], index: int) -> str:
+    """How errors name a request: `request 3 (case_id 17)`."""
+    return f"request {index}" + (f" (case_id {request['case_id']})" if "case_id" in request else "")
+
+
+def normalize_request(request: Mapping[str, Any], index: int = 0) -> dict[str, Any]:
     """A validated deep copy of `request` with `target_new = {"str": " target"}`.
 
     Accepts `target_new` as a string or `{"str": ...}`; a target without a leading space gets
     one (the original does the same so that it tokenises as a separate word).
     """
-    if not isinstance(request, dict):
-        raise InvalidRequestError(f"request {index} must be a dict, got {type(request).__name__}")
-    out = copy.deepcopy(request)
-    where = f"request {index}" + (f" (case_id {out['case_id']})" if "case_id" in out else "")
+    if not isinstance(request, Mapping):
+        raise InvalidRequestError(f"request {index} must be a dict with prompt, subject and target_new, "
+                                  f"got {type(request).__name__}")
+    out = copy.deepcopy(dict(request))
+    where = describe(out, index)
     prompt, subject = out.get("prompt"), out.get("subject")
-    if not isinstance(prompt, str) or prompt.count("{}") != 1:
-        raise InvalidRequestError(
-            f"{where}: prompt {prompt!r} must contain exactly one '{{}}' marking the subject, "
-            "e.g. 'The mother tongue of {} is'"
-        )
+    if not isinstance(prompt, str):
+        raise InvalidRequestError(f"{where}: prompt must be a string with one '{{}}' marking the subject, "
+                                  f"e.g. 'The mother tongue of {{}} is'; got {prompt!r}")
+    split_template(prompt, f"{where}: prompt")
+    if not prompt.replace("{}", "").strip():
+        raise InvalidRequestError(f"{where}: prompt {prompt!r} holds nothing but the subject; "
+                                  "give the relation too, e.g. 'The mother tongue of {} is'")
     if not isinstance(subject, str) or not subject.strip():
         raise InvalidRequestError(f"{where}: subject must be a non-empty string, got {subject!r}")
     target = out.get("target_new")
-    target = target.get("str") if isinstance(target, dict) else target
+    target = target.get("str") if isinstance(target, Mapping) else target
     if not isinstance(target, str) or not target.strip():
         raise InvalidRequestError(f"{where}: target_new must be a non-empty string, got {target!r}")
+    if "{" in target or "}" in target:  # it is appended to the prompt before the subject is filled in
+        raise InvalidRequestError(f"{where}: target_new {target!r} must not contain braces")
     if target[0] != " ":
         target = " " + target
-    out["target_new"] = {**(out["target_new"] if isinstance(out["target_new"], dict) else {}), "str": target}
+    out["target_new"] = {**(out["target_new"] if isinstance(out["target_new"], Mapping) else {}), "str": target}
     return out
 
 
-def normalize_requests(requests: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def normalize_requests(requests: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Validate every request before any work starts; returns copies."""
-    if isinstance(requests, dict):
-        requests = [requests]
+    if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Sequence):
+        hint = " (wrap a single request in a list)" if isinstance(requests, Mapping) else ""
+        raise InvalidRequestError(f"requests must be a list of request dicts{hint}, got {type(requests).__name__}")
     if not requests:
         raise InvalidRequestError("no requests given")
     return [normalize_request(r, i) for i, r in enumerate(requests)]

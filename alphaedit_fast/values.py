@@ -22,6 +22,7 @@ from .positions import absolute_positions, encode_batch, lookup_positions
 from .reference import compute_z_ref
 from .requests import normalize_requests, target_token_ids
 from .trace import StopForward, capture_block_outputs, hidden_of, hooks, replayed_blocks, run_model
+from .validation import check_context_templates, check_options, check_requests_for_model
 
 EARLY_STOP_LOSS = 5e-2
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
@@ -112,6 +113,15 @@ def compute_zs(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, 
     moments, early stop and norm clamp; a finished request never moves again.
     """
     requests = normalize_requests(requests)
+    context_templates = check_context_templates(context_templates)
+    check_requests_for_model(model, tok, requests, context_templates)
+    check_options(z_batch_size=batch_size)
+    return optimise_zs(model, tok, requests, hparams, layer, context_templates, batch_size, progress)
+
+
+def optimise_zs(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, layer: int, context_templates,
+                batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+    """`compute_zs` on inputs already validated (normalised requests, checked templates)."""
     rows_per_request = sum(len(g) for g in context_templates) + 1
     batch_size = batch_size or hparams.extra.get("z_batch_size") or default_z_batch_size(model, rows_per_request)
     chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]

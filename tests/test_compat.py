@@ -23,8 +23,8 @@ def test_original_style_hparams_object_is_accepted():
     """Scripts pass the original's AlphaEditHyperParams (a plain dataclass): any object with its fields."""
     from types import SimpleNamespace
 
-    from alphaedit_fast.editor import as_hparams
     from alphaedit_fast.tiny import tiny_model
+    from alphaedit_fast.validation import as_hparams
 
     ours = alphaedit_fast.AlphaEditHyperParams.for_model(tiny_model("gpt2"), layers=[1, 2])
     theirs = SimpleNamespace(**{k: v for k, v in ours.to_dict().items()})

@@ -1,0 +1,262 @@
+"""Checks on everything a caller passes in, run before the first weight changes.
+
+Bad input raises an AlphaEditError subclass whose message names the argument or record and
+says how to fix it; nothing here modifies its arguments.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .arch import get_module, key_width, max_positions, stores_keys_first
+from .errors import (
+    HyperParamsError,
+    InvalidArgumentError,
+    InvalidRequestError,
+    ModelStructureError,
+    ShapeError,
+    require_finite,
+)
+from .hparams import AlphaEditHyperParams
+from .positions import split_template
+
+# A projector check multiplies P by a few random vectors; fp32 rounding of P x over d_k terms is
+# far below this, while a matrix that is not a projector misses by O(1).
+PROJECTOR_TOLERANCE = 1e-3
+SOLVERS = ("auto", "cholesky", "woodbury")
+SOLVE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def as_hparams(hparams: Any) -> AlphaEditHyperParams:
+    """Our hyper-parameters from ours (re-validated: fields may have been set since), a dict, or
+    any object with the original's attributes."""
+    if isinstance(hparams, AlphaEditHyperParams):
+        hparams.validate()
+        return hparams
+    if isinstance(hparams, Mapping):
+        return AlphaEditHyperParams.from_dict(dict(hparams))
+    if hparams is None or isinstance(hparams, (str, bytes, Sequence)) or not hasattr(hparams, "__dict__"):
+        raise HyperParamsError(
+            f"hparams must be an AlphaEditHyperParams, a dict or the original's hparams object, got "
+            f"{type(hparams).__name__}; e.g. AlphaEditHyperParams.from_json('Llama3-8B.json')")
+    return AlphaEditHyperParams.from_dict(dict(vars(hparams)))
+
+
+def model_width(model) -> int:
+    """d_model: the width of the residual stream (the input embedding's)."""
+    return model.get_input_embeddings().weight.shape[1]
+
+
+def check_model(model, hparams: AlphaEditHyperParams) -> list[torch.nn.Module]:
+    """Every module the edit touches exists and each rewrite module maps d_k -> d_model;
+    returns the rewrite modules, one per layer."""
+    z_layer = hparams.layers[-1]
+    for name in (hparams.layer_module_tmp.format(z_layer),
+                 hparams.layer_module_tmp.format(max(hparams.v_loss_layer, z_layer)),
+                 hparams.ln_f_module, hparams.lm_head_module):
+        get_module(model, name)
+    d_model = model_width(model)
+    modules = []
+    for layer in hparams.layers:
+        name = hparams.rewrite_module_tmp.format(layer)
+        module = get_module(model, name)
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            raise ModelStructureError(f"rewrite module {name!r} ({type(module).__name__}) has no 2-D weight; "
+                                      "rewrite_module_tmp must name the MLP's output projection")
+        out_width = weight.shape[1] if stores_keys_first(module) else weight.shape[0]
+        if out_width != d_model:
+            raise ModelStructureError(
+                f"rewrite module {name!r} writes {out_width} features but the model's hidden width is {d_model}; "
+                "rewrite_module_tmp must name the MLP's output projection (e.g. 'model.layers.{}.mlp.down_proj')")
+        modules.append(module)
+    widths = {key_width(m) for m in modules}
+    if len(widths) != 1:
+        raise ModelStructureError(f"rewrite modules of layers {hparams.layers} differ in input width: {widths}")
+    return modules
+
+
+def check_context_templates(context_templates) -> list[list[str]]:
+    """A copy of `context_templates` (groups of strings with one `{}` each) after checking it."""
+    if isinstance(context_templates, (str, bytes)) or not isinstance(context_templates, Sequence) \
+            or not context_templates \
+            or not all(isinstance(g, Sequence) and not isinstance(g, (str, bytes)) and g for g in context_templates):
+        raise InvalidRequestError("context_templates must be a non-empty list of non-empty lists of strings, "
+                                  "e.g. [['{}'], ['The a. {}', 'I b. {}']]")
+    for group in context_templates:
+        for template in group:
+            split_template(template, "context template")
+    return [list(g) for g in context_templates]
+
+
+def check_options(solver: str | None = None, z_batch_size: Any = None, solve_dtype: Any = None) -> torch.dtype | None:
+    """Check the editing options; returns the solve dtype as a torch dtype (None if not given)."""
+    if solver is not None and solver not in SOLVERS:
+        raise InvalidArgumentError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if z_batch_size is not None and (isinstance(z_batch_size, bool) or not isinstance(z_batch_size, int)
+                                     or z_batch_size < 1):
+        raise InvalidArgumentError(f"z_batch_size must be a positive int or None (chosen from memory), "
+                                   f"got {z_batch_size!r}")
+    if solve_dtype is None:
+        return None
+    dtype = SOLVE_DTYPES.get(solve_dtype.removeprefix("torch.")) if isinstance(solve_dtype, str) else solve_dtype
+    if dtype not in SOLVE_DTYPES.values():
+        raise InvalidArgumentError(f"solve_dtype must be torch.float32 or torch.float64, got {solve_dtype!r}")
+    return dtype
+
+
+def as_tensor(value: Any, name: str) -> torch.Tensor:
+    """A float tensor from a tensor, numpy array or nested list of numbers."""
+    if isinstance(value, torch.Tensor):
+        tensor = value
+    else:
+        if isinstance(value, (str, bytes, Mapping)):
+            raise ShapeError(f"{name} must be a tensor, numpy array or nested list of numbers, "
+                             f"got {type(value).__name__}")
+        try:
+            tensor = torch.as_tensor(np.asarray(value, dtype=np.float64))
+        except (TypeError, ValueError) as err:
+            raise ShapeError(f"{name} must be a tensor, numpy array or nested list of numbers with a regular "
+                             f"shape ({err})") from None
+    if not (tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32, torch.bool)):
+        raise ShapeError(f"{name} must hold real numbers, got dtype {tensor.dtype}")
+    return tensor if tensor.is_floating_point() else tensor.float()
+
+
+def layer_stack(value: Any, n_layers: int, d_k: int, name: str, fill: str) -> torch.Tensor:
+    """Validate P or cache_c, shaped (n_layers, d_k, d_k); None becomes identity or zeros."""
+    if value is None:
+        if fill == "identity":
+            import warnings
+
+            warnings.warn("P=None: editing without a null-space constraint (P = I)", stacklevel=3)
+            return torch.eye(d_k).expand(n_layers, d_k, d_k)
+        return torch.zeros(n_layers, d_k, d_k)
+    value = as_tensor(value, name)
+    if tuple(value.shape) != (n_layers, d_k, d_k):
+        raise ShapeError(
+            f"{name} must have shape (len(layers), d_k, d_k) = {(n_layers, d_k, d_k)}, got {tuple(value.shape)}"
+        )
+    require_finite(value, name)
+    return value
+
+
+def _probe(d: int, device, dtype, n: int = 4) -> torch.Tensor:
+    """A few fixed random unit vectors (d, n): the checks below are deterministic."""
+    x = torch.randn(d, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return (x / x.norm(dim=0)).to(device, dtype)
+
+
+def check_projector(P: torch.Tensor, name: str = "P") -> None:
+    """Each P[i] (d, d) is a symmetric idempotent projector, checked on random unit vectors x:
+    ||P x - P^T x|| and ||P (P x) - P x|| both below PROJECTOR_TOLERANCE."""
+    for index, layer_P in enumerate(P):
+        work = layer_P if layer_P.dtype in (torch.float32, torch.float64) else layer_P.float()
+        x = _probe(work.shape[0], work.device, work.dtype)
+        px = work @ x
+        asymmetry = float((px - work.T @ x).norm(dim=0).max())
+        non_idempotence = float((work @ px - px).norm(dim=0).max())
+        if max(asymmetry, non_idempotence) > PROJECTOR_TOLERANCE:
+            raise ShapeError(
+                f"{name}[{index}] is not a symmetric idempotent projector (|Px - P^T x| = {asymmetry:.2g}, "
+                f"|P(Px) - Px| = {non_idempotence:.2g}); pass U0 U0^T from nullspace_projector or the original's "
+                "get_project, not a covariance or a scaled matrix")
+
+
+def check_basis(basis: torch.Tensor, name: str) -> None:
+    """`basis` (d, r) has orthonormal columns: ||U y|| = ||y|| for random unit y."""
+    if basis.shape[1] == 0:
+        return
+    y = _probe(basis.shape[1], basis.device, basis.dtype if basis.is_floating_point() else torch.float32)
+    error = float(((basis @ y).norm(dim=0) - 1).abs().max())
+    if error > PROJECTOR_TOLERANCE:
+        raise ShapeError(f"{name} does not have orthonormal columns (| |Uy| - 1 | = {error:.2g}); pass the "
+                         "eigenvectors from nullspace_basis or load_projector")
+
+
+def as_bases(projector: Any, layers: list[int], d_k: int) -> list[torch.Tensor] | None:
+    """Per-layer null-space bases U (d_k, r) from a list or {layer: U} dict of tensors or arrays
+    (string keys such as "4" are read as layer numbers); None when `projector` is a dense P."""
+    n_layers = len(layers)
+    if isinstance(projector, Mapping):
+        by_layer = {}
+        for key, basis in projector.items():
+            try:
+                by_layer[int(key)] = basis
+            except (TypeError, ValueError):
+                raise ShapeError(f"projector keys must be layer numbers, got {key!r}") from None
+        missing = [layer for layer in layers if layer not in by_layer]
+        if missing:
+            raise ShapeError(f"the projector has no basis for layer(s) {missing} (it holds {sorted(by_layer)}); "
+                             "compute statistics and a projector for every edited layer")
+        items = [by_layer[layer] for layer in layers]
+    elif isinstance(projector, (torch.Tensor, np.ndarray)):
+        return None  # a dense P
+    elif isinstance(projector, Sequence) and not isinstance(projector, (str, bytes)) \
+            and all(isinstance(u, (torch.Tensor, np.ndarray)) for u in projector):
+        items = list(projector)
+    else:
+        return None  # nested lists: a dense P, checked as such
+    bases = [as_tensor(u, f"projector basis of layer {layer}") for u, layer in zip(items, layers)]
+    if len(items) != n_layers or any(u.ndim != 2 or u.shape[0] != d_k for u in bases):
+        raise ShapeError(f"projector must be {n_layers} bases of shape (d_k={d_k}, r) or dense "
+                         f"P of shape {(n_layers, d_k, d_k)}")
+    for u, layer in zip(bases, layers):
+        require_finite(u, f"projector basis of layer {layer}")
+        check_basis(u, f"projector basis of layer {layer}")
+    return bases
+
+
+def visible_text(text: str) -> str:
+    """`text` without whitespace and invisible characters (zero-width spaces, BOMs, controls)."""
+    return "".join(ch for ch in text if not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Cc", "Zs"))
+
+
+def _content_tokens(tok, text: str) -> list[int]:
+    """Token ids of `text` that are not special tokens (BOS, EOS, pad, ...)."""
+    special = set(tok.all_special_ids)
+    return [t for t in tok(text, add_special_tokens=False)["input_ids"] if t not in special]
+
+
+def check_requests_for_model(model, tok, requests: list[dict], context_templates: list[list[str]]) -> None:
+    """Requests that this tokenizer and model can edit: subjects and targets made of real
+    tokens, no two requests asking for different targets of the same prompt and subject, and
+    every prompt the edit runs (context + prompt + target) within the model's positions."""
+    from .requests import describe, target_token_ids
+
+    seen: dict[tuple[str, str], tuple[int, str]] = {}
+    for index, request in enumerate(requests):
+        where = describe(request, index)
+        for field in ("subject", "target_new"):
+            text = request[field]["str"] if field == "target_new" else request[field]
+            if not visible_text(text) or not _content_tokens(tok, text.strip()):
+                raise InvalidRequestError(f"{where}: {field} {text!r} has no content once tokenised (only "
+                                          "whitespace, invisible characters or special tokens); give real text")
+        key = (request["prompt"], request["subject"])
+        target = request["target_new"]["str"]
+        if key in seen and seen[key][1] != target:
+            raise InvalidRequestError(
+                f"{where} asks for {target!r} but request {seen[key][0]} asks for {seen[key][1]!r} with the same "
+                f"prompt {request['prompt']!r} and subject {request['subject']!r}: they contradict each other; "
+                "keep one")
+        seen.setdefault(key, (index, target))
+    limit = max_positions(model)
+    if limit is None:
+        return
+    templates = [t for group in context_templates for t in group]
+    texts, owners = [], []
+    for index, request in enumerate(requests):
+        suffix = tok.decode(target_token_ids(tok, request["target_new"]["str"])[:-1])
+        filled = request["prompt"].format(request["subject"])
+        texts += [t.format(filled) + suffix for t in templates] + ["{} is a".format(request["subject"])]
+        owners += [index] * (len(templates) + 1)
+    for index, length in zip(owners, (len(ids) for ids in tok(texts)["input_ids"])):
+        if length > limit:
+            raise InvalidRequestError(
+                f"{describe(requests[index], index)}: a prompt the edit runs is {length} tokens long, more than "
+                f"the model's {limit} positions; shorten the prompt, subject, target or context templates")
