@@ -11,7 +11,9 @@ import torch
 from .hparams import AlphaEditHyperParams
 from .ops import gather_segment_mean
 from .positions import absolute_positions, encode_batch, lookup_positions
+from .requests import normalize_requests
 from .trace import capture_at_positions, hidden_of, read_modules
+from .validation import check_context_templates, check_length, check_requests_for_model
 
 MICRO_BATCH = 128
 
@@ -32,6 +34,7 @@ def get_module_input_output_at_words(
     ins, outs = [], []
     for start in range(0, len(texts), batch_size):
         input_ids, mask = encode_batch(tok, texts[start : start + batch_size], device)
+        check_length(model, input_ids.shape[1], f"prompt {texts[start + int(mask.sum(1).argmax())]!r}")
         pos = absolute_positions(positions[start : start + batch_size], mask)
         got_in, got_out = capture_at_positions(model, input_ids, mask, pos, inputs_of=[name], outputs_of=[name])
         ins.append(got_in[name])
@@ -60,6 +63,9 @@ def average_over_templates(reprs: torch.Tensor, context_templates) -> torch.Tens
 
 def compute_ks(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, context_templates) -> torch.Tensor:
     """Keys of every request at `layer`: (n_requests, d_k), fp32, as the original `compute_ks`."""
+    requests = normalize_requests(requests)
+    context_templates = check_context_templates(context_templates)
+    check_requests_for_model(model, tok, requests, context_templates)
     templates, words = request_texts(requests, context_templates)
     reprs, _ = get_module_input_output_at_words(
         model, tok, layer, templates, words, hparams.rewrite_module_tmp, hparams.fact_token

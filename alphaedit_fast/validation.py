@@ -245,8 +245,7 @@ def check_requests_for_model(model, tok, requests: list[dict], context_templates
                 f"prompt {request['prompt']!r} and subject {request['subject']!r}: they contradict each other; "
                 "keep one")
         seen.setdefault(key, (index, target))
-    limit = max_positions(model)
-    if limit is None:
+    if max_positions(model) is None:
         return
     templates = [t for group in context_templates for t in group]
     texts, owners = [], []
@@ -256,7 +255,12 @@ def check_requests_for_model(model, tok, requests: list[dict], context_templates
         texts += [t.format(filled) + suffix for t in templates] + ["{} is a".format(request["subject"])]
         owners += [index] * (len(templates) + 1)
     for index, length in zip(owners, (len(ids) for ids in tok(texts)["input_ids"])):
-        if length > limit:
-            raise InvalidRequestError(
-                f"{describe(requests[index], index)}: a prompt the edit runs is {length} tokens long, more than "
-                f"the model's {limit} positions; shorten the prompt, subject, target or context templates")
+        check_length(model, length, f"{describe(requests[index], index)}: a prompt the edit runs")
+
+
+def check_length(model, length: int, what: str) -> None:
+    """`length` tokens fit the model's position range (when its config states one)."""
+    limit = max_positions(model)
+    if limit is not None and length > limit:
+        raise InvalidRequestError(f"{what} is {length} tokens long, more than the model's {limit} positions; "
+                                  "shorten the prompt, subject, target or context templates")

@@ -19,7 +19,9 @@ from alphaedit_fast import (
     ModelStructureError,
     ShapeError,
     apply_AlphaEdit_to_model,
+    compute_ks,
     compute_zs,
+    get_module_input_output_at_words,
 )
 from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
 
@@ -129,9 +131,16 @@ def test_special_token_subjects_and_targets_are_refused(family):
                                          P=identity_projector(hparams), context_templates=CONTEXT_TEMPLATES)
 
 
-def test_compute_zs_checks_its_input_too():
+def test_compute_zs_and_compute_ks_check_their_input_too():
     model, tok = tiny_model("gpt2"), tiny_tokenizer_for("gpt2")
     hparams = test_hparams(model, v_num_grad_steps=2)
+    with pytest.raises(InvalidRequestError, match="positions"):
+        compute_ks(model, tok, with_request(subject="Paris " * 150), hparams, 1, CONTEXT_TEMPLATES)
+    with pytest.raises(InvalidRequestError, match="positions"):
+        get_module_input_output_at_words(model, tok, 1, ["{} is"], ["Paris " * 150], hparams.rewrite_module_tmp,
+                                         "subject_last")
+    with pytest.raises(InvalidRequestError, match="brace"):
+        compute_ks(model, tok, REQUESTS, hparams, 1, [["{} {x}"]])
     with pytest.raises(InvalidRequestError, match="positions"):
         compute_zs(model, tok, with_request(subject="Paris " * 150), hparams, 2, CONTEXT_TEMPLATES)
     with pytest.raises(InvalidRequestError, match="brace"):
@@ -274,8 +283,9 @@ templates_strategy = mostly(st.one_of(st.just(CONTEXT_TEMPLATES), st.just([["{}"
                             st.one_of(st.just("{}"), st.lists(st.lists(prompts, max_size=2), max_size=2)))
 
 
-def projector_strategy(n_layers=2, d_k=160):
-    def build(kind, seed):
+def projector_strategy(d_k=160):
+    """P in one of several forms, as a function of the number of edited layers."""
+    def build(kind, seed, n_layers):
         gen = torch.Generator().manual_seed(seed)
         basis = torch.linalg.qr(torch.randn(d_k, 1 + seed % d_k, generator=gen))[0]
         P = (basis @ basis.T).repeat(n_layers, 1, 1)
@@ -286,12 +296,14 @@ def projector_strategy(n_layers=2, d_k=160):
         return forms[kind]()
 
     kinds = ["projector"] * 12 + ["none", "list", "scaled", "random", "nan", "small", "string"]
-    return st.builds(build, st.sampled_from(kinds), st.integers(0, 1000))
+    return st.builds(lambda kind, seed: lambda n_layers: build(kind, seed, n_layers), st.sampled_from(kinds),
+                     st.integers(0, 1000))
 
 
-CACHES = st.sampled_from([None] * 4 + ["zeros"] * 4 + ["nan", "ragged"]).map(
-    lambda kind: {None: None, "zeros": torch.zeros(2, 160, 160), "nan": torch.full((2, 160, 160), float("nan")),
-                  "ragged": [[1.0], [1.0, 2.0]]}[kind])
+CACHES = st.sampled_from([None] * 4 + ["zeros"] * 4 + ["nan", "ragged", "wrong layers"]).map(
+    lambda kind: lambda n: {None: None, "zeros": torch.zeros(n, 160, 160), "ragged": [[1.0], [1.0, 2.0]],
+                            "nan": torch.full((n, 160, 160), float("nan")),
+                            "wrong layers": torch.zeros(n + 1, 160, 160)}[kind])
 
 _BASE = {}
 
@@ -302,25 +314,32 @@ def _base(family):
     return _BASE[family]
 
 
+@pytest.mark.parametrize("api", ["apply_AlphaEdit_to_model", "AlphaEditor"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(requests=requests_strategy, templates=templates_strategy, P=projector_strategy(), cache_c=CACHES,
        l2=st.sampled_from([10.0] * 8 + [0.0, -1.0, float("nan")]),
        layers=st.sampled_from([[1, 2]] * 4 + [[2]] * 4 + [[1, 9]]))
 def test_property_success_with_finite_weights_or_alphaedit_error_with_weights_unchanged(
-        family, requests, templates, P, cache_c, l2, layers):
+        api, family, requests, templates, P, cache_c, l2, layers):
     base_model, tok = _base(family)
     model = copy.deepcopy(base_model)
     hparams = test_hparams(model, v_num_grad_steps=2)
     hparams = mutated(hparams, L2=l2, layers=layers)
+    P, cache_c = P(len(layers)), cache_c(len(layers))
     before = copy.deepcopy(model.state_dict())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, new_cache = apply_AlphaEdit_to_model(model, tok, requests, hparams, P=P, cache_c=cache_c,
-                                                    context_templates=templates)
+            if api == "AlphaEditor":
+                editor = AlphaEditor(model, tok, hparams, projector=P, cache_c=cache_c, context_templates=templates)
+                editor.edit(requests)
+                new_cache = editor.dense_cache()
+            else:
+                _, new_cache = apply_AlphaEdit_to_model(model, tok, requests, hparams, P=P, cache_c=cache_c,
+                                                        context_templates=templates)
     except AlphaEditError as err:
-        event(str(err)[:70])
+        event(type(err).__name__)
         for name, value in model.state_dict().items():
             assert torch.equal(value, before[name]), name
         return
