@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ class AlphaEditHyperParams:
         missing = [k for k in required if k not in data]
         if missing:
             raise HyperParamsError(f"hyper-parameters lack the required key(s) {missing}")
+        if not isinstance(data.get("extra", {}), dict):
+            raise HyperParamsError(f"extra must be a JSON object, got {type(data['extra']).__name__}")
         extra = dict(data.get("extra", {}))
         extra.update({k: v for k, v in data.items() if k not in known and k != "extra"})
         return cls(**{k: v for k, v in data.items() if k in known}, extra=extra)
@@ -72,11 +75,14 @@ class AlphaEditHyperParams:
         """Read an original AlphaEdit hparams file (e.g. `hparams/AlphaEdit/Llama3-8B.json`)."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise HyperParamsError(f"hyper-parameter file {path} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise HyperParamsError(f"{path} is not valid JSON: {err}") from None
+        except OSError as err:
+            raise HyperParamsError(f"cannot read hyper-parameter file {path}: {err}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise HyperParamsError(f"{path} is not valid JSON ({type(err).__name__}: {err}); give an AlphaEdit "
+                                   "hparams file such as hparams/AlphaEdit/Llama3-8B.json") from None
         return cls.from_dict(data)
 
     @classmethod
@@ -119,15 +125,21 @@ class AlphaEditHyperParams:
         layers = self.layers
         if not isinstance(layers, (list, tuple)) or not layers:
             raise HyperParamsError(f"layers must be a non-empty list of ints, got {layers!r}")
-        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
+        if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0 for x in layers):
             raise HyperParamsError(f"layers must be non-negative ints, got {layers!r}")
+        layers = [int(x) for x in layers]
         if list(layers) != sorted(set(layers)):
             raise HyperParamsError(f"layers must be strictly increasing, got {layers!r}")
         self.layers = list(layers)
         for name in ("rewrite_module_tmp", "layer_module_tmp"):
             value = getattr(self, name)
-            if not isinstance(value, str) or value.count("{}") != 1:
-                raise HyperParamsError(f"{name} must be a string with one '{{}}', got {value!r}")
+            if not isinstance(value, str) or value.count("{}") != 1 or any(b in value.replace("{}", "") for b in "{}"):
+                raise HyperParamsError(f"{name} must be a module path with one '{{}}' for the layer number and no "
+                                       f"other brace, e.g. 'model.layers.{{}}.mlp.down_proj'; got {value!r}")
+        for name in ("ln_f_module", "lm_head_module"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise HyperParamsError(f"{name} must be a module path such as 'model.norm', got {value!r}")
         if self.fact_token not in FACT_TOKENS:
             raise HyperParamsError(f"fact_token must be one of {FACT_TOKENS}, got {self.fact_token!r}")
         self._check_number("v_num_grad_steps", int, minimum=1)

@@ -61,6 +61,10 @@ def test_unknown_keys_are_kept(tmp_path):
         ({"v_num_grad_steps": 0}, "v_num_grad_steps"),
         ({"L2": float("nan")}, "L2"),
         ({"rewrite_module_tmp": "model.layers.mlp"}, "rewrite_module_tmp"),
+        ({"rewrite_module_tmp": "model.layers.{}.{x}"}, "no other brace"),
+        ({"layer_module_tmp": "model.layers.{}}"}, "no other brace"),
+        ({"ln_f_module": None}, "ln_f_module"),
+        ({"extra": 5}, "extra"),
     ],
 )
 def test_invalid_values_raise_clear_errors(change, message):
@@ -79,6 +83,23 @@ def test_missing_key_and_bad_file(tmp_path):
         AlphaEditHyperParams.from_json(bad)
     with pytest.raises(HyperParamsError, match="does not exist"):
         AlphaEditHyperParams.from_json(tmp_path / "missing.json")
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([ORIGINAL_FILES["gpt2-xl"]]))
+    for path, message in ((binary, "not valid JSON"), (deep, "not valid JSON"), (tmp_path, "cannot read"),
+                          (listed, "JSON object")):
+        with pytest.raises(HyperParamsError, match=message):
+            AlphaEditHyperParams.from_json(path)
+
+
+def test_numpy_layer_numbers_are_plain_ints():
+    import numpy as np
+
+    hp = AlphaEditHyperParams.from_dict({**ORIGINAL_FILES["Llama3-8B"], "layers": list(np.arange(4, 9))})
+    assert hp.layers == [4, 5, 6, 7, 8] and all(type(layer) is int for layer in hp.layers)
 
 
 @pytest.mark.parametrize("family, rewrite", [("gpt2", "transformer.h.{}.mlp.c_proj"),
