@@ -60,12 +60,19 @@ def normalize_requests(requests: Sequence[Mapping[str, Any]]) -> list[dict[str, 
 
 def target_token_ids(tok, target: str) -> list[int]:
     """Token ids of a target string without a leading BOS/UNK (as the original)."""
-    ids = list(tok(target)["input_ids"])
-    if ids and ids[0] in (tok.bos_token_id, tok.unk_token_id):
-        ids = ids[1:]
-    if not ids:
-        raise InvalidRequestError(f"target {target!r} produces no tokens")
-    return ids
+    return targets_token_ids(tok, [target])[0]
+
+
+def targets_token_ids(tok, targets: Sequence[str]) -> list[list[int]]:
+    """`target_token_ids` of each target, in one batched tokenizer call."""
+    drop = (tok.bos_token_id, tok.unk_token_id)
+    out = []
+    for target, ids in zip(targets, tok(list(targets))["input_ids"]):
+        ids = list(ids[1:] if ids and ids[0] in drop else ids)
+        if not ids:
+            raise InvalidRequestError(f"target {target!r} produces no tokens")
+        out.append(ids)
+    return out
 
 
 def _counterfact_record(record: dict, index: int) -> dict:

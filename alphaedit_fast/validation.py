@@ -217,45 +217,46 @@ def visible_text(text: str) -> str:
     return "".join(ch for ch in text if not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Cc", "Zs"))
 
 
-def _content_tokens(tok, text: str) -> list[int]:
-    """Token ids of `text` that are not special tokens (BOS, EOS, pad, ...)."""
-    special = set(tok.all_special_ids)
-    return [t for t in tok(text, add_special_tokens=False)["input_ids"] if t not in special]
-
-
 def check_requests_for_model(model, tok, requests: list[dict], context_templates: list[list[str]]) -> None:
     """Requests that this tokenizer and model can edit: subjects and targets made of real
     tokens, no two requests asking for different targets of the same prompt and subject, and
-    every prompt the edit runs (context + prompt + target) within the model's positions."""
-    from .requests import describe, target_token_ids
+    every prompt the edit runs (context + prompt + target) within the model's positions.
+    Tokenises in a few batched calls."""
+    from .requests import describe, targets_token_ids
 
+    n = len(requests)
+    subjects = [r["subject"] for r in requests]
+    targets = [r["target_new"]["str"] for r in requests]
+    special = set(tok.all_special_ids)
+    content = tok([t.strip() for t in subjects + targets], add_special_tokens=False)["input_ids"]
     seen: dict[tuple[str, str], tuple[int, str]] = {}
     for index, request in enumerate(requests):
         where = describe(request, index)
-        for field in ("subject", "target_new"):
-            text = request[field]["str"] if field == "target_new" else request[field]
-            if not visible_text(text) or not _content_tokens(tok, text.strip()):
+        for field, text, ids in (("subject", subjects[index], content[index]),
+                                 ("target_new", targets[index], content[n + index])):
+            if not visible_text(text) or all(t in special for t in ids):
                 raise InvalidRequestError(f"{where}: {field} {text!r} has no content once tokenised (only "
                                           "whitespace, invisible characters or special tokens); give real text")
         key = (request["prompt"], request["subject"])
-        target = request["target_new"]["str"]
-        if key in seen and seen[key][1] != target:
+        if key in seen and seen[key][1] != targets[index]:
             raise InvalidRequestError(
-                f"{where} asks for {target!r} but request {seen[key][0]} asks for {seen[key][1]!r} with the same "
-                f"prompt {request['prompt']!r} and subject {request['subject']!r}: they contradict each other; "
+                f"{where} asks for {targets[index]!r} but request {seen[key][0]} asks for {seen[key][1]!r} with the "
+                f"same prompt {request['prompt']!r} and subject {request['subject']!r}: they contradict each other; "
                 "keep one")
-        seen.setdefault(key, (index, target))
+        seen.setdefault(key, (index, targets[index]))
     if max_positions(model) is None:
         return
     templates = [t for group in context_templates for t in group]
+    suffixes = tok.batch_decode([ids[:-1] for ids in targets_token_ids(tok, targets)])  # as values._prepare
     texts, owners = [], []
     for index, request in enumerate(requests):
-        suffix = tok.decode(target_token_ids(tok, request["target_new"]["str"])[:-1])
         filled = request["prompt"].format(request["subject"])
-        texts += [t.format(filled) + suffix for t in templates] + ["{} is a".format(request["subject"])]
+        texts += [t.format(filled) + suffixes[index] for t in templates] + ["{} is a".format(request["subject"])]
         owners += [index] * (len(templates) + 1)
-    for index, length in zip(owners, (len(ids) for ids in tok(texts)["input_ids"])):
-        check_length(model, length, f"{describe(requests[index], index)}: a prompt the edit runs")
+    lengths = [len(ids) for ids in tok(texts)["input_ids"]]
+    longest = max(range(len(texts)), key=lengths.__getitem__)
+    check_length(model, lengths[longest], f"{describe(requests[owners[longest]], owners[longest])}: "
+                                          "a prompt the edit runs")
 
 
 def check_length(model, length: int, what: str) -> None:
