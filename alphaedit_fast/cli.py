@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     edit = sub.add_parser("edit", help="apply a requests file to a local model; save it and the editor state",
                           description="Edit a local model. --out DIR is written atomically: model, tokenizer and "
                           f"{STATE_FILE} appear together (an existing DIR is replaced only when the new one is "
-                          f"complete). When --model DIR holds a {STATE_FILE} (an earlier edit's output), editing "
+                          f"complete). When --model DIR holds an {STATE_FILE} (an earlier edit's output), editing "
                           "continues from it as if given with --state; --fresh starts a new state instead.")
     edit.add_argument("--model", required=True, help="a local model directory (from save_pretrained)")
     edit.add_argument("--requests", required=True, help="JSON/JSONL, CounterFact or EasyEdit schema")
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     state.add_argument("--state", help="editor-state.safetensors of an earlier run, to keep editing sequentially "
                        f"(default: --model DIR/{STATE_FILE} when it exists)")
     state.add_argument("--fresh", action="store_true",
-                       help=f"start a new editor state even if --model DIR holds a {STATE_FILE}")
+                       help=f"start a new editor state even if --model DIR holds an {STATE_FILE}")
     edit.add_argument("--batch-size", type=int, default=0, help="edits per batch (default: all at once)")
     evaluate = sub.add_parser("eval", help="CounterFact-style metrics on the fact world: AlphaEdit vs P = I, "
                               "sequential and batch; writes JSON and a PNG plot")
