@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+from pathlib import Path
 
 import torch
 
 from .bench import SHAPES
+from .errors import AlphaEditError, ModelFileError
 from .tiny import FAMILY_CONFIGS
 
 
@@ -46,7 +49,6 @@ def run_stats(args) -> None:
     import os
 
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .arch import detect
     from .stats import collect_statistics
@@ -57,9 +59,8 @@ def run_stats(args) -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    model, tok = load_local_model(args.model)
     model = model.to(device, getattr(torch, args.dtype))
-    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     layers = [int(x) for x in args.layers.split(",")]
     stats = collect_statistics(
         model, tok, args.corpus, layers, detect(model).rewrite_module_tmp, max_tokens=args.max_tokens,
@@ -83,7 +84,7 @@ def run_projector(args) -> None:
     rule = {k: getattr(args, k) for k in ("threshold", "relative", "energy", "rank") if getattr(args, k) is not None}
     rule = rule or {"threshold": 2e-2}
     bases = {l: nullspace_basis(stats.covariance(l), **rule) for l in sorted(stats.sums)}
-    save_projector(args.out, bases, {"rule": rule, "stats": str(args.stats), "tokens": stats.count})
+    save_projector(args.out, bases, stats, {"rule": rule, "stats": str(args.stats)})
     for layer, basis in bases.items():
         print(f"layer {layer}: null space {basis.shape[1]} of {basis.shape[0]} dimensions")
     if args.dense:
@@ -93,38 +94,71 @@ def run_projector(args) -> None:
     print(f"-> {args.out}")
 
 
-def run_edit_command(args) -> None:
-    import os
-    import time
+STATE_FILE = "editor-state.safetensors"
 
+
+def load_local_model(path):
+    """(model, tokenizer) from a local directory written by `save_pretrained`; never the hub."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise ModelFileError(f"{path} is not a model directory (no config.json); give one written by save_pretrained")
+    try:
+        return (AutoModelForCausalLM.from_pretrained(path, local_files_only=True),
+                AutoTokenizer.from_pretrained(path, local_files_only=True))
+    except (OSError, ValueError) as err:
+        raise ModelFileError(f"cannot load the model in {path}: {err}") from None
+
+
+def run_edit_command(args) -> None:
+    import time
 
     from .editor import AlphaEditor
     from .hparams import AlphaEditHyperParams
     from .projector import load_projector
     from .requests import load_requests
+    from .storage import write_directory
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    out = Path(args.out)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").exists())):
+        raise ModelFileError(f"--out {out} exists and is not a model directory; it would be replaced: "
+                             "choose another path")
+    state = args.state
+    if state is None and not args.fresh and (Path(args.model) / STATE_FILE).is_file():
+        state = Path(args.model) / STATE_FILE
+        print(f"continuing from {state} (--fresh starts a new editor state instead)")
+    if state and args.projector:
+        raise AlphaEditError(f"the editor state {state} holds its projector: drop --projector, "
+                             "or pass --fresh to start a new state with it")
+    model, tok = load_local_model(args.model)
     if torch.cuda.is_available():
         model = model.cuda()
     hparams = AlphaEditHyperParams.from_json(args.hparams)
     requests = load_requests(args.requests)
-    if args.state:
-        editor = AlphaEditor.from_state(model, tok, hparams, args.state, progress=True)
+    if state:
+        editor = AlphaEditor.from_state(model, tok, hparams, state, progress=True)
     else:
-        projector = load_projector(args.projector) if args.projector else None
-        editor = AlphaEditor(model, tok, hparams, projector=projector, progress=True)
+        projector = (load_projector(args.projector, model, allow_foreign=args.allow_foreign_projector)
+                     if args.projector else None)
+        editor = AlphaEditor(model, tok, hparams, projector=projector, progress=True,
+                             allow_foreign_projector=args.allow_foreign_projector)
     size = args.batch_size or len(requests)
     start = time.perf_counter()
     for i in range(0, len(requests), size):
         seconds = editor.edit(requests[i : i + size])
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items())
         print(f"edits {i + 1}-{min(i + size, len(requests))}: {phases}")
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
-    editor.save_state(os.path.join(args.out, "editor-state.safetensors"))
-    print(f"{len(requests)} edits in {time.perf_counter() - start:.1f}s ({editor.num_edits} in total) -> {args.out}")
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory)
+        tok.save_pretrained(directory)
+        editor.save_state(directory / STATE_FILE)
+
+    write_directory(out, write)  # model, tokenizer and state appear together or not at all
+    print(f"{len(requests)} edits in {time.perf_counter() - start:.1f}s ({editor.num_edits} in total) -> {out}")
 
 
 def run_eval(args) -> None:
@@ -134,7 +168,12 @@ def run_eval(args) -> None:
     from .hparams import AlphaEditHyperParams
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    model, tok, world = load_model(args.model)
+    if args.model is not None and not Path(args.model).exists():
+        raise ModelFileError(f"model directory {args.model} does not exist")
+    try:
+        model, tok, world = load_model(args.model)
+    except FileNotFoundError as err:
+        raise ModelFileError(str(err)) from None
     hparams = AlphaEditHyperParams.from_json(args.hparams) if args.hparams else edit_hparams(model)
     result = evaluate_editing(
         model, tok, world, n_edits=args.edits, batch_size=args.batch_size,
@@ -146,6 +185,7 @@ def run_eval(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alphaedit-fast", description="Exact, fast AlphaEdit knowledge editing.")
+    parser.add_argument("--debug", action="store_true", help="on an error show the traceback, not one line")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="edit the shipped fact-world model; print probabilities before/after")
     demo.add_argument("--tiny", metavar="FAMILY", choices=sorted(FAMILY_CONFIGS),
@@ -190,13 +230,24 @@ def main(argv: list[str] | None = None) -> int:
     rule.add_argument("--rank", type=int, help="number of protected directions")
     projector.add_argument("--dense", help="also write dense P (len(layers), d, d) here (safetensors, key 'P'), "
                            "for the original API")
-    edit = sub.add_parser("edit", help="apply a requests file to a local model; save it and the editor state")
+    edit = sub.add_parser("edit", help="apply a requests file to a local model; save it and the editor state",
+                          description="Edit a local model. --out DIR is written atomically: model, tokenizer and "
+                          f"{STATE_FILE} appear together (an existing DIR is replaced only when the new one is "
+                          f"complete). When --model DIR holds an {STATE_FILE} (an earlier edit's output), editing "
+                          "continues from it as if given with --state; --fresh starts a new state instead.")
     edit.add_argument("--model", required=True, help="a local model directory (from save_pretrained)")
     edit.add_argument("--requests", required=True, help="JSON/JSONL, CounterFact or EasyEdit schema")
     edit.add_argument("--hparams", required=True, help="an AlphaEdit hparams JSON (the original format)")
-    edit.add_argument("--out", required=True, help="directory for the edited model and editor-state.safetensors")
+    edit.add_argument("--out", required=True, help="directory for the edited model and editor-state.safetensors "
+                      "(written atomically; an existing model directory there is replaced)")
     edit.add_argument("--projector", help="null-space bases from `alphaedit-fast projector` (default: none)")
-    edit.add_argument("--state", help="editor-state.safetensors of an earlier run, to keep editing sequentially")
+    edit.add_argument("--allow-foreign-projector", action="store_true",
+                      help="use a --projector computed for another model (refused by default)")
+    state = edit.add_mutually_exclusive_group()
+    state.add_argument("--state", help="editor-state.safetensors of an earlier run, to keep editing sequentially "
+                       f"(default: --model DIR/{STATE_FILE} when it exists)")
+    state.add_argument("--fresh", action="store_true",
+                       help=f"start a new editor state even if --model DIR holds an {STATE_FILE}")
     edit.add_argument("--batch-size", type=int, default=0, help="edits per batch (default: all at once)")
     evaluate = sub.add_parser("eval", help="CounterFact-style metrics on the fact world: AlphaEdit vs P = I, "
                               "sequential and batch; writes JSON and a PNG plot")
@@ -214,6 +265,18 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("version", help="print versions and available backends")
     args = parser.parse_args(argv)
 
+    try:
+        run_command(args)
+    except AlphaEditError as err:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"{parser.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_command(args) -> None:
     if args.command == "demo":
         from .demo import run_demo, run_tiny_demo
 
@@ -238,7 +301,6 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"alphaedit_fast {__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
               f"compiled extension: {'yes' if extension_available() else 'no'}")
-    return 0
 
 
 if __name__ == "__main__":

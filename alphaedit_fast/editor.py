@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -20,10 +19,10 @@ from .errors import InvalidArgumentError, InvalidRequestError, require_finite
 from .hparams import AlphaEditHyperParams
 from .keys import compute_keys
 from .modelstate import frozen, restore_on_error
-from .projector import basis_from_projector
+from .projector import ProjectorBases, basis_from_projector, check_projector_model
 from .requests import normalize_requests
 from .solve import DenseSolver, FactoredDenseSolver, ProjectedSolver
-from .storage import StatsFileError, load_tensors, model_fingerprint, save_tensors
+from .storage import StatsFileError, load_tensors, model_fingerprint, require_tensors, save_tensors
 from .templates import get_context_templates
 from .timing import Phases
 from .validation import (
@@ -220,14 +219,19 @@ class AlphaEditor:
     once here), or None for no constraint (U = I). cache_c: optional dense (len(layers), d_k, d_k)
     starting cache. solver: "auto" (Woodbury when keys are few against r, else Cholesky),
     "cholesky", "woodbury"; solve_dtype: torch.float32 or torch.float64.
+    A projector read by `load_projector` must be for this model (or an edited descendant)
+    unless `allow_foreign_projector=True`.
     """
 
     def __init__(self, model, tok, hparams, projector=None, cache_c: torch.Tensor | None = None,
                  context_templates: list[list[str]] | None = None, solver: str = "auto",
-                 solve_dtype: torch.dtype = torch.float32, z_batch_size: int | None = None, progress: bool = False):
+                 solve_dtype: torch.dtype = torch.float32, z_batch_size: int | None = None, progress: bool = False,
+                 allow_foreign_projector: bool = False):
         self.model, self.tok, self.hparams = model, tok, as_hparams(hparams)
         self.modules = check_model(model, self.hparams)
         solve_dtype = check_options(solver, z_batch_size, solve_dtype)
+        if isinstance(projector, ProjectorBases):
+            check_projector_model(projector, model, allow_foreign_projector)
         d_k, n_layers = key_width(self.modules[0]), len(self.hparams.layers)
         devices = [m.weight.device for m in self.modules]
         bases = self._bases(projector, self.hparams.layers, d_k)
@@ -289,17 +293,26 @@ class AlphaEditor:
     @classmethod
     def from_state(cls, model, tok, hparams, path, **options) -> AlphaEditor:
         """An editor that continues from `save_state`'s file; the model must be the edited one."""
-        tensors, meta = load_tensors(path, cls.STATE_KIND)
+        tensors, meta = load_tensors(path, cls.STATE_KIND, STATE_FIELDS)
         hparams = as_hparams(hparams)
-        layers = json.loads(meta["layers"])
+        layers = meta["layers"]
         if layers != hparams.layers:
             raise StatsFileError(f"{path} holds layers {layers}, the hyper-parameters edit {hparams.layers}")
+        require_tensors(path, tensors, [f"layer.{l}.{t}" for l in layers for t in ("basis", "cache_proj")])
+        for l in layers:
+            basis, cache = tensors[f"layer.{l}.basis"], tensors[f"layer.{l}.cache_proj"]
+            if basis.ndim != 2 or cache.shape != (basis.shape[-1], basis.shape[-1]) or meta["num_edits"] < 0:
+                raise StatsFileError(f"{path}: layer {l} holds a basis {tuple(basis.shape)} and a projected cache "
+                                     f"{tuple(cache.shape)} that do not fit together; the file is not usable")
         names = [hparams.rewrite_module_tmp.format(layer) for layer in layers]
         if model_fingerprint(model, names) != meta["model_fingerprint"]:
             raise StatsFileError(f"{path} was saved with other weights: load the model edited in that run")
         editor = cls(model, tok, hparams, projector=[tensors[f"layer.{l}.basis"] for l in layers],
-                     context_templates=json.loads(meta["context_templates"]), **options)
+                     context_templates=meta["context_templates"], **options)
         editor.solver.cache_proj = [tensors[f"layer.{l}.cache_proj"].to(u.device, u.dtype)
                                     for l, u in zip(layers, editor.solver.bases)]
-        editor.num_edits = int(meta["num_edits"])
+        editor.num_edits = meta["num_edits"]
         return editor
+
+
+STATE_FIELDS = {"layers": list[int], "num_edits": int, "context_templates": list[list[str]], "model_fingerprint": str}

@@ -9,6 +9,14 @@ class InvalidRequestError(AlphaEditError, ValueError):
     """An edit request is malformed (prompt without one `{}`, empty subject or target, ...)."""
 
 
+class RequestFileError(InvalidRequestError):
+    """A requests file cannot be read: missing, not UTF-8 text, not JSON/JSONL, too deeply nested."""
+
+
+class ModelFileError(AlphaEditError, FileNotFoundError):
+    """A model directory given on the command line does not exist or holds no model."""
+
+
 class HyperParamsError(AlphaEditError, ValueError):
     """A hyper-parameter is missing, of the wrong type or out of range."""
 

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from .errors import InvalidRequestError, ShapeError, require_finite
+from .errors import InvalidRequestError, ModelStructureError, ShapeError, require_finite
 
 
 def _eigh(cov: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,22 +97,75 @@ def basis_from_projector(P: torch.Tensor, tolerance: float | None = None) -> tor
 
 
 PROJECTOR_KIND = "nullspace-projector"
+PROJECTOR_FIELDS = {"layers": list[int], "rewrite_module_tmp": str, "model": str, "model_fingerprint": str,
+                    "base_fingerprint": str}
 
 
-def save_projector(path, bases: dict[int, torch.Tensor], metadata: dict | None = None):
-    """Write per-layer bases U0 (d, r) as safetensors (atomic), with metadata (rule, stats file...)."""
+class ProjectorBases(dict):
+    """{layer: U0 (d_k, r)} read from a projector file; `metadata` says which model it is for.
+    AlphaEditor checks it against the model it edits (see `check_projector_model`)."""
+
+    def __init__(self, bases: dict[int, torch.Tensor], metadata: dict, path):
+        super().__init__(bases)
+        self.metadata, self.path = metadata, path
+
+
+def save_projector(path, bases: dict[int, torch.Tensor], stats, metadata: dict | None = None):
+    """Write per-layer bases U0 (d_k, r) computed from `stats` (a KeyStatistics) atomically as
+    safetensors, with `metadata` (rule, ...) and the statistics' model, fingerprints, templates."""
     from .storage import save_tensors
 
+    source = {k: stats.metadata.get(k) for k in PROJECTOR_FIELDS if k != "layers"}
+    if not all(isinstance(v, str) for v in source.values()) or not set(bases) <= set(stats.sums):
+        raise InvalidRequestError("save_projector needs the KeyStatistics the bases were computed from "
+                                  "(from collect_statistics or KeyStatistics.load), holding every layer of `bases`")
     return save_tensors(path, {f"layer.{l}.basis": u for l, u in bases.items()},
-                        {**(metadata or {}), "kind": PROJECTOR_KIND, "layers": sorted(bases)})
+                        {**(metadata or {}), **source, "kind": PROJECTOR_KIND, "layers": sorted(bases),
+                         "stats_tokens": stats.count})
 
 
-def load_projector(path) -> dict[int, torch.Tensor]:
-    """Per-layer bases U0 from `save_projector`'s file, checked: {layer: (d, r)}."""
-    from .storage import load_tensors
+def load_projector(path, model=None, *, allow_foreign: bool = False) -> ProjectorBases:
+    """Per-layer bases U0 from `save_projector`'s file, checked: {layer: (d_k, r)}.
 
-    tensors, _ = load_tensors(path, PROJECTOR_KIND)
-    bases = {int(k.split(".")[1]): v for k, v in tensors.items()}
+    With `model`, refuses a file computed for another model unless `allow_foreign` (see
+    `check_projector_model`); AlphaEditor repeats that check on the model it edits.
+    """
+    from .storage import StatsFileError, load_tensors, require_tensors
+
+    tensors, metadata = load_tensors(path, PROJECTOR_KIND, PROJECTOR_FIELDS)
+    layers = sorted(metadata["layers"])
+    require_tensors(path, tensors, [f"layer.{l}.basis" for l in layers])
+    bases = {l: tensors[f"layer.{l}.basis"] for l in layers}
     for layer, u in bases.items():
+        if u.ndim != 2 or u.shape[1] > u.shape[0]:
+            raise StatsFileError(f"{path}: the basis of layer {layer} has shape {tuple(u.shape)}, not (d_k, r <= d_k)")
         require_finite(u, f"projector basis of layer {layer} in {path}")
-    return dict(sorted(bases.items()))
+    projector = ProjectorBases(bases, metadata, path)
+    if model is not None:
+        check_projector_model(projector, model, allow_foreign)
+    return projector
+
+
+def check_projector_model(projector: ProjectorBases, model, allow_foreign: bool = False) -> None:
+    """StatsFileError unless `projector` was computed for `model` or one of its edited descendants.
+
+    A projector comes from the statistics of the unedited model, and sequential editing changes
+    the rewrite weights, so the check compares `storage.base_fingerprint` (embedding and the
+    rewrite modules' unedited siblings), which editing leaves alone; the full fingerprint of the
+    statistics' model is recorded too (`model_fingerprint`). `allow_foreign=True` (CLI:
+    `--allow-foreign-projector`) accepts a projector of another model deliberately.
+    """
+    from .storage import StatsFileError, base_fingerprint
+
+    if allow_foreign:
+        return
+    meta = projector.metadata
+    names = [meta["rewrite_module_tmp"].format(l) for l in meta["layers"]]
+    try:
+        same = base_fingerprint(model, names) == meta["base_fingerprint"]
+    except ModelStructureError:
+        same = False
+    if not same:
+        raise StatsFileError(f"{projector.path} was computed for another model ({meta['model']!r}); compute the "
+                             "statistics and projector for this one, or pass allow_foreign=True "
+                             "(--allow-foreign-projector) to use it anyway")

@@ -6,7 +6,7 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, RequestFileError
 from .positions import split_template
 
 
@@ -119,40 +119,58 @@ def load_requests(path) -> list[dict[str, Any]]:
     `paraphrase_prompts`, `neighborhood_prompts`) or EasyEdit's flat one (prompt, subject,
     target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth).
 
-    Returns validated requests in the original's layout (extra keys kept); a malformed record
-    raises InvalidRequestError naming the file and the record.
+    Returns validated requests in the original's layout (extra keys kept). Any problem raises
+    RequestFileError naming the file, and for JSONL the line (counted in the file, from 1).
     """
-    import json
     from pathlib import Path
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as err:
-        raise InvalidRequestError(f"cannot read requests file {path}: {err}") from None
+        raise RequestFileError(f"cannot read requests file {path}: {err.strerror or err}") from None
+    if b"\x00" in data:
+        raise RequestFileError(f"{path} is a binary file, not JSON or JSONL text")
     try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-            records = records if isinstance(records, list) else [records]
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise RequestFileError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    if path.suffix == ".jsonl":  # split on "\n" only: str.splitlines also breaks inside JSON strings
+        records = [(f"{path}:{number}", _parse(line, path, number))
+                   for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+    else:
+        parsed = _parse(text, path)
+        records = [(f"{path}, record {i}", r) for i, r in enumerate(parsed if isinstance(parsed, list) else [parsed])]
+    if not records:
+        raise RequestFileError(f"{path} holds no requests")
+    return [_request(record, index, where) for index, (where, record) in enumerate(records)]
+
+
+def _parse(text: str, path, line: int | None = None):
+    """JSON of a whole file, or of its line `line` (JSONL)."""
+    import json
+
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
-        raise InvalidRequestError(f"{path} is not valid JSON{'L' if path.suffix == '.jsonl' else ''}: {err}") \
-            from None
-    requests = []
-    for index, record in enumerate(records):
-        try:
-            if not isinstance(record, dict):
-                raise TypeError("not a JSON object")
-            convert = _counterfact_record if "requested_rewrite" in record else _easyedit_record
-            requests.append(normalize_request(convert(record, index), index))
-        except (KeyError, TypeError) as err:
-            raise InvalidRequestError(
-                f"{path}, record {index}: malformed ({type(err).__name__}: {err}); expected the CounterFact schema "
-                "(requested_rewrite.prompt/subject/target_new.str) or EasyEdit's (prompt, subject, target_new)"
-            ) from None
-        except InvalidRequestError as err:
-            raise InvalidRequestError(f"{path}: {err}") from None
-    if not requests:
-        raise InvalidRequestError(f"{path} holds no requests")
-    return requests
+        raise RequestFileError(f"{path}:{line or err.lineno}:{err.colno}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise RequestFileError(f"{path}{f':{line}' if line else ''}: JSON nested too deeply") from None
+
+
+def _request(record, index: int, where: str) -> dict[str, Any]:
+    """One file record as a validated request; errors name `where` (file and line or record)."""
+    try:
+        if not isinstance(record, dict):
+            raise TypeError(f"not a JSON object but {type(record).__name__}")
+        convert = _counterfact_record if "requested_rewrite" in record else _easyedit_record
+        return normalize_request(convert(record, index), index)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise RequestFileError(
+            f"{where}: malformed record ({type(err).__name__}: {err}); expected the CounterFact schema "
+            "(requested_rewrite.prompt/subject/target_new.str) or EasyEdit's (prompt, subject, target_new)"
+        ) from None
+    except RecursionError:
+        raise RequestFileError(f"{where}: record nested too deeply") from None
+    except InvalidRequestError as err:
+        raise RequestFileError(f"{where}: {err}") from None

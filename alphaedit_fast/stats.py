@@ -24,7 +24,15 @@ from .errors import InvalidRequestError, require_finite
 from .modelstate import frozen
 from .ops import second_moment_update_
 from .positions import pad_right, pad_token_id
-from .storage import StatsFileError, file_fingerprint, load_tensors, model_fingerprint, save_tensors
+from .storage import (
+    StatsFileError,
+    base_fingerprint,
+    file_fingerprint,
+    load_tensors,
+    model_fingerprint,
+    require_tensors,
+    save_tensors,
+)
 from .trace import read_modules
 
 STATS_KIND, PARTIAL_KIND = "key-stats", "key-stats-partial"
@@ -114,26 +122,30 @@ class KeyStatistics:
     @classmethod
     def load(cls, path: str | Path, model=None, corpus: str | Path | None = None) -> KeyStatistics:
         """Read and check a statistics file: against `model`'s weights and `corpus` when given."""
-        tensors, meta = load_tensors(path, STATS_KIND)
-        metadata = {k: _decode(v) for k, v in meta.items()}
+        tensors, metadata = load_tensors(path, STATS_KIND, STATS_FIELDS)
+        layers = metadata["layers"]
+        require_tensors(path, tensors, [f"layer.{l}.sum" for l in layers])
+        if metadata["count"] <= 0:
+            raise StatsFileError(f"{path}: token count {metadata['count']} must be positive; recompute the file")
         if model is not None:
-            names = [metadata["rewrite_module_tmp"].format(l) for l in metadata["layers"]]
-            if model_fingerprint(model, names) != metadata.get("model_fingerprint"):
+            names = [metadata["rewrite_module_tmp"].format(l) for l in layers]
+            if model_fingerprint(model, names) != metadata["model_fingerprint"]:
                 raise StatsFileError(f"{path} was computed for another model or other weights "
-                                     f"({metadata.get('model')!r}); recompute the statistics for this model")
-        if corpus is not None and file_fingerprint(corpus) != metadata.get("corpus_fingerprint"):
-            raise StatsFileError(f"{path} was computed on another corpus ({metadata.get('corpus')!r})")
-        sums = {int(k.split(".")[1]): v for k, v in tensors.items()}
+                                     f"({metadata['model']!r}); recompute the statistics for this model")
+        if corpus is not None and file_fingerprint(corpus) != metadata["corpus_fingerprint"]:
+            raise StatsFileError(f"{path} was computed on another corpus ({metadata['corpus']!r})")
+        sums = {l: tensors[f"layer.{l}.sum"] for l in layers}
         for layer, s in sums.items():
+            if s.ndim != 2 or s.shape[0] != s.shape[1]:
+                raise StatsFileError(f"{path}: the sum of layer {layer} has shape {tuple(s.shape)}, not (d_k, d_k)")
             require_finite(s, f"statistics of layer {layer} in {path}")
-        return cls(sums, int(metadata["count"]), metadata)
+        return cls(sums, metadata["count"], metadata)
 
 
-def _decode(value: str):
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
+# what every statistics file must say about itself (load_tensors checks the types)
+STATS_FIELDS = {"count": int, "layers": list[int], "rewrite_module_tmp": str, "model": str,
+                "model_fingerprint": str, "base_fingerprint": str, "corpus": str, "corpus_fingerprint": str}
+PARTIAL_FIELDS = {"count": int, "next_batch": int, "config": dict[str, object]}
 
 
 def read_original_stats(path: str | Path) -> tuple[torch.Tensor, int]:
@@ -172,7 +184,8 @@ def collect_statistics(model, tok, corpus: str | Path, layers: list[int], rewrit
     names = [rewrite_module_tmp.format(l) for l in layers]
     modules = [get_module(model, n) for n in names]
     metadata = {
-        "model": getattr(model.config, "_name_or_path", ""), "model_fingerprint": model_fingerprint(model, names),
+        "model": str(getattr(model.config, "_name_or_path", "")), "model_fingerprint": model_fingerprint(model, names),
+        "base_fingerprint": base_fingerprint(model, names),
         "layers": list(layers), "rewrite_module_tmp": rewrite_module_tmp, "corpus": str(corpus),
         "corpus_fingerprint": file_fingerprint(corpus), "max_tokens": max_tokens, "max_length": max_length,
         "batch_tokens": batch_tokens, "precision": str(precision), "model_dtype": str(modules[0].weight.dtype),
@@ -183,13 +196,16 @@ def collect_statistics(model, tok, corpus: str | Path, layers: list[int], rewrit
     count, start, batches, processed = 0, 0, 0, 0
     partial = Path(checkpoint_dir) / f"partial-rank{rank}-of{world}.safetensors" if checkpoint_dir else None
     if partial is not None and partial.exists():
-        tensors, meta = load_tensors(partial, PARTIAL_KIND)
-        if _decode(meta["config"]) != metadata:
+        tensors, meta = load_tensors(partial, PARTIAL_KIND, PARTIAL_FIELDS)
+        if meta["config"] != metadata:
             raise StatsFileError(f"{partial} belongs to another run (model, corpus or settings differ); "
                                  "delete it or choose another checkpoint directory")
+        require_tensors(partial, tensors, [f"layer.{l}.sum" for l in layers])
         for l in layers:
+            if tensors[f"layer.{l}.sum"].shape != sums[l].shape or min(meta["count"], meta["next_batch"]) < 0:
+                raise StatsFileError(f"{partial} is inconsistent (shapes or counts); delete it and rerun")
             sums[l].copy_(tensors[f"layer.{l}.sum"])
-        count, start = int(meta["count"]), int(meta["next_batch"])
+        count, start = meta["count"], meta["next_batch"]
 
     device = model.get_input_embeddings().weight.device
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="stats", disable=not progress or rank != 0)

@@ -206,8 +206,8 @@ def test_statistics_to_projector_to_edit(llama, corpus_file, tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer_for("llama")
     stats = collect_statistics(model, tok, corpus_file, [1, 2], TEMPLATE, **SETTINGS)
     path = save_projector(tmp_path / "proj.safetensors",
-                          {l: nullspace_basis(stats.covariance(l), rank=100) for l in (1, 2)})
-    bases = load_projector(path)
+                          {l: nullspace_basis(stats.covariance(l), rank=100) for l in (1, 2)}, stats)
+    bases = load_projector(path, model)
     before = [model.get_submodule(TEMPLATE.format(l)).weight.detach().clone() for l in (1, 2)]
     AlphaEditor(model, tok, test_hparams(model), projector=bases, context_templates=CONTEXT_TEMPLATES).edit(REQUESTS)
     for layer, b in zip((1, 2), before):
