@@ -118,7 +118,7 @@ def z_rtol(model, hparams, z_norm: float, dtype: torch.dtype = torch.float32) ->
     This holds only while no gradient component is at rounding level (else Adam's sign-like
     steps turn noise into full steps, and no tolerance helps): tests check that premise with
     `check_trajectory` in test_values rather than widening this bound. Measured fast-vs-reference
-    errors on the tiny models are 20-100x below it.
+    errors on the tiny models are 20-300x below it (1.5e-7 to 1.8e-6 on gpt2, llama, qwen2).
     """
     eps_g = tolerance(dtype, 2 * forward_accumulation_length(model))[0]
     d = model.get_input_embeddings().weight.shape[1]
