@@ -41,14 +41,16 @@ def reference_losses():
             trajectories[-1].append((loss.detach().item(), nll.detach().item()))
 
     logger, handler = logging.getLogger("alphaedit_fast.reference.alphaedit"), Collect(logging.DEBUG)
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # pytest's capture would format every step's record (tensors with grad)
     logger.addHandler(handler)
     try:
         yield trajectories
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def check_trajectory(losses):
