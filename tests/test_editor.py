@@ -9,7 +9,7 @@ from alphaedit_fast import AlphaEditor, ShapeError, apply_AlphaEdit_to_model, nu
 from alphaedit_fast.reference import apply_alphaedit_ref
 from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
 
-from .conftest import CONTEXT_TEMPLATES, REQUESTS, test_hparams
+from .conftest import CONTEXT_TEMPLATES, REQUESTS, edit_rtol, test_hparams
 from .test_engine import rewrite_weights
 
 BATCHES = [REQUESTS[:2], REQUESTS[2:] + [{"prompt": "{} is located in", "subject": "Paris",
@@ -37,6 +37,7 @@ def test_sequential_batches_match_reference(model_and_tok, solver):
     bases = key_covariance_bases(hparams)
     assert bases[0].shape == (160, 50)
     P = torch.stack([u @ u.T for u in bases])
+    rtol = edit_rtol(model, tok, [r for batch in BATCHES for r in batch], hparams)
     ref_model, cache = copy.deepcopy(model), torch.zeros(len(hparams.layers), 160, 160)
     editor = AlphaEditor(model, tok, hparams, projector=bases, context_templates=CONTEXT_TEMPLATES, solver=solver)
     for batch in BATCHES:
@@ -46,8 +47,8 @@ def test_sequential_batches_match_reference(model_and_tok, solver):
         for b, w, layer in zip(before, rewrite_weights(model, hparams), hparams.layers):
             expected = updates[layer]
             assert expected.norm() > 0
-            assert relative(w - b, expected) < 1e-4, (layer, relative(w - b, expected))
-    assert relative(editor.dense_cache(), P @ cache @ P) < 1e-4  # the part of the cache that matters
+            assert relative(w - b, expected) < rtol, (layer, relative(w - b, expected))
+    assert relative(editor.dense_cache(), P @ cache @ P) < rtol  # the part of the cache that matters
     assert editor.num_edits == 4
 
 
@@ -56,6 +57,9 @@ def test_dense_projector_is_factored_and_agrees_with_the_original_api():
     hparams = test_hparams(model, L2=10.0)
     bases = key_covariance_bases(hparams)
     P = torch.stack([u @ u.T for u in bases])
+    # same z's for the first batch; the solves differ by rounding, which the second batch's z
+    # optimisation amplifies like gradient rounding (edit_rtol)
+    rtol = edit_rtol(model, tok, [r for batch in BATCHES for r in batch], hparams)
     dense_model = copy.deepcopy(model)
     editor = AlphaEditor(model, tok, hparams, projector=P, context_templates=CONTEXT_TEMPLATES)
     assert [u.shape[1] for u in editor.solver.bases] == [50, 50]
@@ -65,8 +69,8 @@ def test_dense_projector_is_factored_and_agrees_with_the_original_api():
         _, cache = apply_AlphaEdit_to_model(dense_model, tok, batch, hparams, cache_c=cache, P=P,
                                             context_templates=CONTEXT_TEMPLATES)
     for a, b in zip(rewrite_weights(model, hparams), rewrite_weights(dense_model, hparams)):
-        assert relative(a, b) < 1e-5
-    assert relative(editor.dense_cache(), P @ cache @ P) < 1e-4
+        assert relative(a, b) < rtol
+    assert relative(editor.dense_cache(), P @ cache @ P) < rtol
 
 
 def test_starting_cache_and_timings():
@@ -77,6 +81,7 @@ def test_starting_cache_and_timings():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 20, 160, generator=gen)
     cache = x.transpose(1, 2) @ x
+    rtol = edit_rtol(model, tok, REQUESTS, hparams)
     ref_model = copy.deepcopy(model)
     editor = AlphaEditor(model, tok, hparams, projector=bases, cache_c=cache, context_templates=CONTEXT_TEMPLATES)
     before = rewrite_weights(model, hparams)
@@ -84,7 +89,7 @@ def test_starting_cache_and_timings():
     assert set(timings) == {"z", "keys", "solve", "cache update"} and all(t > 0 for t in timings.values())
     updates, _ = apply_alphaedit_ref(ref_model, tok, REQUESTS, hparams, CONTEXT_TEMPLATES, P, cache)
     for b, w, layer in zip(before, rewrite_weights(model, hparams), hparams.layers):
-        assert relative(w - b, updates[layer]) < 1e-4
+        assert relative(w - b, updates[layer]) < rtol
 
 
 def test_bf16_model_matches_reference_on_the_same_bf16_model(family):
@@ -98,6 +103,8 @@ def test_bf16_model_matches_reference_on_the_same_bf16_model(family):
     updates, _ = apply_alphaedit_ref(ref_model, tok, REQUESTS, hparams, CONTEXT_TEMPLATES, P,
                                      torch.zeros(2, 160, 160))
     assert all(w.dtype == torch.bfloat16 for w in rewrite_weights(model, hparams))
+    # bf16 z's agree to ~5 bf16 roundings (test_values.test_bf16_matches_bf16_reference); keys and
+    # the fp32 solve add little, and the update is cast to bf16 (one more rounding, 2^-9 relative)
     for b, w, layer in zip(before, rewrite_weights(model, hparams), hparams.layers):
         assert relative((w.float() - b.float()), updates[layer].to(torch.bfloat16).float()) < 2e-2
 

@@ -18,7 +18,16 @@ from alphaedit_fast.arch import get_module
 from alphaedit_fast.reference import apply_alphaedit_ref, compute_ks_ref, module_reprs_at_words_ref
 from alphaedit_fast.reference.alphaedit import compute_z_ref
 
-from .conftest import CONTEXT_TEMPLATES, REQUESTS, identity_projector, test_hparams
+from .conftest import (
+    CONTEXT_TEMPLATES,
+    REQUESTS,
+    UNIT_ROUNDOFF,
+    edit_rtol,
+    forward_accumulation_length,
+    identity_projector,
+    test_hparams,
+    tolerance,
+)
 
 
 def target_logprob(model, tok, request):
@@ -73,6 +82,7 @@ def test_matches_reference(model_and_tok, requests_):
     hparams = test_hparams(model, L2=10.0)  # the original's L2; smaller values amplify fp32 noise
     P = random_projector(hparams)
     cache = 0.01 * torch.eye(160).repeat(len(hparams.layers), 1, 1)
+    rtol = edit_rtol(model, tok, requests_, hparams)
     ref_model = copy.deepcopy(model)
     before = rewrite_weights(model, hparams)
     _, new_cache = apply_AlphaEdit_to_model(model, tok, requests_, hparams, cache_c=cache, P=P,
@@ -81,8 +91,9 @@ def test_matches_reference(model_and_tok, requests_):
     for b, w, layer in zip(before, rewrite_weights(model, hparams), hparams.layers):
         ref_upd = updates[layer]
         assert ref_upd.norm() > 0
-        assert ((w - b) - ref_upd).norm() / ref_upd.norm() < 1e-4
-    assert (new_cache - ref_cache).norm() / ref_cache.norm() < 1e-5
+        assert ((w - b) - ref_upd).norm() / ref_upd.norm() < rtol
+    # the cache sums keys of the edited models, which differ by the updates' difference
+    assert (new_cache - ref_cache).norm() / ref_cache.norm() < rtol
 
 
 def test_keys_and_layer_outputs_match_reference(model_and_tok, requests_):
@@ -91,14 +102,18 @@ def test_keys_and_layer_outputs_match_reference(model_and_tok, requests_):
     fast = compute_ks(model, tok, requests_, hparams, 1, CONTEXT_TEMPLATES)
     ref = compute_ks_ref(model, tok, requests_, hparams, 1, CONTEXT_TEMPLATES)
     assert fast.shape == (len(requests_), 160)
-    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # keys of layer 1: the input of its down projection, two blocks deep
+    rtol, atol = tolerance(torch.float32, forward_accumulation_length(model, blocks=2), scale=ref.abs().max().item())
+    torch.testing.assert_close(fast, ref, rtol=rtol, atol=atol)
     prompts, subjects = [r["prompt"] for r in requests_], [r["subject"] for r in requests_]
     _, out = get_module_input_output_at_words(model, tok, 2, prompts, subjects, hparams.layer_module_tmp,
                                              "subject_last", batch_size=2)
     ref_out = module_reprs_at_words_ref(model, tok, prompts, subjects, hparams.layer_module_tmp.format(2),
                                         "subject_last", "out")
-    # batched (padded) and one-by-one forwards differ by fp32 rounding only
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5 * ref_out.abs().max().item())
+    # batched (padded) and one-by-one forwards differ by fp32 rounding only: three blocks deep
+    rtol, atol = tolerance(torch.float32, forward_accumulation_length(model, blocks=3),
+                           scale=ref_out.abs().max().item())
+    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -129,7 +144,12 @@ def test_sequential_edits_accumulate_cache(family):
     assert cache1.norm() > 0
     for i in range(len(hparams.layers)):
         # keys1 were read after the first edit, as the cache update of the first call reads them.
-        torch.testing.assert_close(cache2[i] - cache1[i], keys2[i].T @ keys2[i], rtol=1e-4, atol=1e-5)
+        # Keys agree to the forward pass's rounding (relative to |k_i||k_j|), and the difference of
+        # the two caches loses a rounding of cache2 itself.
+        rtol, _ = tolerance(torch.float32, forward_accumulation_length(model, blocks=hparams.layers[i] + 1))
+        k = keys2[i].abs()
+        atol = 2 * rtol * (k.T @ k).max().item() + 4 * UNIT_ROUNDOFF[torch.float32] * cache2[i].abs().max().item()
+        torch.testing.assert_close(cache2[i] - cache1[i], keys2[i].T @ keys2[i], rtol=rtol, atol=atol)
         # the second edit lies in the null space, so the first batch's keys barely moved
         # (the cache from the first call still matches them).
         torch.testing.assert_close(cache1[i], keys1[i].T @ keys1[i], rtol=1e-2, atol=1e-3)
@@ -241,6 +261,7 @@ def test_one_token_subject_after_a_space_edits(family):
     model, tok = tiny_model(family), tiny_tokenizer_for(family)
     hparams = test_hparams(model, L2=10.0)
     requests = [{"prompt": "{} is located in", "subject": "Paris", "target_new": {"str": "London"}}]
+    rtol = edit_rtol(model, tok, requests, hparams)
     ref_model = copy.deepcopy(model)
     before = rewrite_weights(model, hparams)
     apply_AlphaEdit_to_model(model, tok, requests, hparams, P=identity_projector(hparams),
@@ -249,7 +270,7 @@ def test_one_token_subject_after_a_space_edits(family):
                                      identity_projector(hparams), torch.zeros(2, 160, 160))
     for b, w, layer in zip(before, rewrite_weights(model, hparams), hparams.layers):
         assert updates[layer].norm() > 0
-        assert ((w - b) - updates[layer]).norm() / updates[layer].norm() < 1e-4
+        assert ((w - b) - updates[layer]).norm() / updates[layer].norm() < rtol
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -264,6 +285,9 @@ def test_null_space_solve_of_the_original_api_matches_dense(family, requests_, m
     model, tok = tiny_model(family), tiny_tokenizer_for(family)
     hparams = test_hparams(model, L2=10.0)
     P = random_projector(hparams)
+    # the two solves differ by rounding; the second batch's z's then start from models that
+    # differ by it and the optimisation amplifies it like any gradient rounding (edit_rtol)
+    rtol = edit_rtol(model, tok, requests_, hparams)
     dense_model = copy.deepcopy(model)
     cache_auto = cache_dense = None
     for batch in (requests_[:2], requests_[2:]):
@@ -273,8 +297,8 @@ def test_null_space_solve_of_the_original_api_matches_dense(family, requests_, m
                                                   context_templates=CONTEXT_TEMPLATES, solver="dense")
     assert len(factorisations) == len(hparams.layers)  # once, not once per call
     for a, b in zip(rewrite_weights(model, hparams), rewrite_weights(dense_model, hparams)):
-        assert (a - b).norm() / b.norm() < 1e-5
-    assert (cache_auto - cache_dense).norm() / cache_dense.norm() < 1e-5
+        assert (a - b).norm() / b.norm() < rtol
+    assert (cache_auto - cache_dense).norm() / cache_dense.norm() < rtol
 
 
 def test_a_non_projector_P_is_refused(requests_):

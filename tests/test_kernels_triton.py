@@ -21,11 +21,12 @@ from alphaedit_fast.kernels.gather import add_at_positions_triton, gather_segmen
 
 from alphaedit_fast.ops.ref import add_at_positions_ref, gather_segment_mean_ref  # noqa: E402
 
+from .conftest import gather_tolerance  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The gather accumulates in fp32 in both kernel and reference, from the same (rounded) inputs:
-# only the fp32 summation order differs, whatever hidden's dtype.
-RTOL, ATOL = 1e-5, 1e-5
+# only the fp32 summation order differs, whatever hidden's dtype (conftest.gather_tolerance).
 
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
@@ -54,7 +55,8 @@ def check_gather(hidden, positions, segment_ids, weights, n_segments):
     out = gather_segment_mean_triton(hidden, positions, segment_ids, weights, n_segments)
     ref = gather_segment_mean_ref(hidden, positions, segment_ids, weights, n_segments)
     assert out.dtype == torch.float32 and out.shape == (n_segments, hidden.shape[-1])
-    torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+    rtol, atol = gather_tolerance(hidden, positions, segment_ids, weights, n_segments)
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
     return out
 
 

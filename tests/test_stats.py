@@ -17,6 +17,8 @@ from alphaedit_fast.stats import KeyStatistics, collect_statistics, read_origina
 from alphaedit_fast.storage import StatsFileError
 from alphaedit_fast.tiny import corpus, tiny_model, tiny_tokenizer_for
 
+from .conftest import forward_accumulation_length, tolerance
+
 TEMPLATE = "model.layers.{}.mlp.down_proj"
 SETTINGS = dict(max_length=24, batch_tokens=160, progress=False)
 
@@ -56,7 +58,10 @@ def test_sums_equal_a_direct_computation(llama, corpus_file):
     assert stats.count == n_tokens
     for layer in (1, 2):
         direct = direct_sums(model, tok, corpus_file, layer, 24)
-        assert ((stats.sums[layer] - direct).norm() / direct.norm()).item() < 1e-6
+        # fp64 sums of keys from fp32 forwards, padded batches vs one document: each key is off by
+        # its forward's rounding (layer + 1 blocks deep), each k k^T by twice that
+        rtol, _ = tolerance(torch.float32, forward_accumulation_length(model, blocks=layer + 1))
+        assert ((stats.sums[layer] - direct).norm() / direct.norm()).item() < 2 * rtol
     torch.testing.assert_close(stats.covariance(1), stats.sums[1] / n_tokens)
 
 
@@ -154,6 +159,9 @@ def test_projector_rules(rule, expected_r):
 
 @pytest.mark.parametrize("energy, protected", [(0.4, 1), (0.5, 2), (0.7, 2), (0.71, 3), (1.0, 4)])
 def test_projector_energy_rule(energy, protected):
+    # Boundary cases on purpose (0.4 and 0.7 are reached exactly): exact in floating point, since
+    # eigh of a diagonal matrix returns its diagonal, the partial sums are small integers and
+    # k / 10 rounds to the same double as the literal 0.k.
     cov = torch.diag(torch.tensor([0.0, 1.0, 0.0, 3.0, 2.0, 4.0, 0.0], dtype=torch.float64))  # trace 10
     assert nullspace_basis(cov, energy=energy).shape == (7, 7 - protected)
 
@@ -187,7 +195,10 @@ def test_cli_stats_projector_and_two_rank_gloo(llama, corpus_file, tmp_path):
     assert one.count == two.count
     assert len(list((tmp_path / "two" / "checkpoints").glob("partial-rank*-of2.safetensors"))) == 2
     for layer in (1, 2):
-        assert ((one.sums[layer] - two.sums[layer]).norm() / one.sums[layer].norm()).item() < 1e-10
+        # the ranks see the same batches, but torchrun runs them with one thread each, and an fp32
+        # forward may round differently under another thread count or BLAS: bound as above
+        rtol, _ = tolerance(torch.float32, forward_accumulation_length(model, blocks=layer + 1))
+        assert ((one.sums[layer] - two.sums[layer]).norm() / one.sums[layer].norm()).item() < 2 * rtol
     assert main(["projector", "--stats", str(tmp_path / "one" / "key-stats.safetensors"), "--rank", "100",
                  "--out", str(tmp_path / "proj.safetensors"), "--dense", str(tmp_path / "P.safetensors")]) == 0
     bases = load_projector(tmp_path / "proj.safetensors")
