@@ -171,10 +171,10 @@ def apply_AlphaEdit_to_model(  # noqa: N802 - the original's name
 ) -> tuple[torch.nn.Module, torch.Tensor]:
     """Edit `model` in place with AlphaEdit; returns (model, updated cache_c).
 
-    P, cache_c: (len(layers), d_k, d_k), as the original expects (P=None: no null-space
-    constraint; cache_c=None: zeros). `solver="auto"` solves in the null space when P is an
-    orthogonal projector (as the original's always is; its factors are cached per P), else in the
-    original's dense form, which `solver="dense"` forces. Neither they nor
+    P, cache_c: (len(layers), d_k, d_k) tensors, arrays or nested lists, as the original expects
+    (P=None: no null-space constraint; cache_c=None: zeros); P must be a symmetric idempotent
+    projector U0 U0^T, as the original's always is. `solver="auto"` solves in the null space (P's
+    factors are cached per P tensor); `solver="dense"` forces the original's dense form. Neither they nor
     `requests` are modified: the new cache is returned. Everything is validated before the first
     weight changes, and if anything fails part-way every weight is restored. `options`:
     z_batch_size, progress, timings (see `run_edit`). For many sequential batches use
