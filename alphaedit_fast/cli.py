@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .bench import SHAPES
-from .errors import AlphaEditError, ModelFileError
+from .errors import AlphaEditError, InvalidArgumentError, ModelFileError
 from .tiny import FAMILY_CONFIGS
 
 
@@ -131,7 +131,7 @@ def run_edit_command(args) -> None:
         state = Path(args.model) / STATE_FILE
         print(f"continuing from {state} (--fresh starts a new editor state instead)")
     if state and args.projector:
-        raise AlphaEditError(f"the editor state {state} holds its projector: drop --projector, "
+        raise InvalidArgumentError(f"the editor state {state} holds its projector: drop --projector, "
                              "or pass --fresh to start a new state with it")
     model, tok = load_local_model(args.model)
     if torch.cuda.is_available():
