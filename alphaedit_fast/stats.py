@@ -57,8 +57,13 @@ def iter_documents(corpus: str | Path, text_field: str = "text") -> Iterator[str
     if not path.exists():
         raise InvalidRequestError(f"corpus {path} does not exist")
     jsonl = path.suffix in (".jsonl", ".json")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InvalidRequestError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start} of the "
+                                          "line); convert the corpus to UTF-8") from None
             if not line.strip():
                 continue
             if not jsonl:
@@ -66,7 +71,7 @@ def iter_documents(corpus: str | Path, text_field: str = "text") -> Iterator[str
                 continue
             try:
                 text = json.loads(line)[text_field]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
                 raise InvalidRequestError(f"{path}:{number}: expected a JSON object with a {text_field!r} string") \
                     from None
             if not isinstance(text, str):

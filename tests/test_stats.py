@@ -226,3 +226,14 @@ def test_statistics_to_projector_to_edit(llama, corpus_file, tmp_path):
         u = bases[layer]
         assert delta.norm() > 0
         assert (delta - delta @ u @ u.T).norm() / delta.norm() < 1e-4  # no component outside the null space
+
+
+def test_unreadable_corpus_lines_name_the_line(llama, tmp_path):
+    model, tok = llama
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"first line\n" + "caf\xe9 au lait\n".encode("latin-1"))
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    for path, message in ((latin1, "latin1.txt:2: not UTF-8"), (deep, "deep.jsonl:2: expected a JSON object")):
+        with pytest.raises(InvalidRequestError, match=message):
+            collect_statistics(model, tok, path, [1], TEMPLATE, **SETTINGS)
