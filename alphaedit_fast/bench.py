@@ -21,6 +21,7 @@ import torch
 from .arch import get_module, key_width
 from .editor import AlphaEditor
 from .hparams import AlphaEditHyperParams
+from .projector import basis_from_projector
 from .reference import apply_alphaedit_ref
 from .solve import ProjectedSolver, dense_update, woodbury_absorb
 from .tiny import tiny_model, tiny_tokenizer_for
@@ -149,7 +150,18 @@ def bench_solve(d_k: int = 3072, d_model: int = 768, n_edits: int = 100, null_fr
     # Woodbury keeps (Cp + l2 I)^-1 up to date: its per-batch price is this rank-n absorb.
     inv_m = solver._inverse(0)
     result["seconds"]["woodbury_absorb"], _ = timed(lambda: woodbury_absorb(inv_m, (basis.T @ keys).double()))
+    # Factoring a dense P (fp32, as the original stores it) into U: full eigh against the range QR
+    P32 = P.float()
+    t_eigh, (evals, evecs) = timed(lambda: torch.linalg.eigh(P32.double() if device == "cpu" else P32))
+    t_range, factored = timed(lambda: basis_from_projector(P32, tolerance=1e-3))
+    result["seconds"]["factor_P_eigh"], result["seconds"]["factor_P_range_qr"] = t_eigh, t_range
+    # the same update from either basis, solved in fp64 so that only the bases differ
+    c64, k64, r64 = cache.double(), keys.double(), resid.double()
+    updates = [ProjectedSolver([u], 10.0, "cholesky", torch.float64, [u.T @ c64 @ u]).update(0, k64, r64)
+               for u in (evecs[:, evals > 0.5].double(), factored.double())]
+    result["factor_P_update_rel_diff_vs_eigh"] = ((updates[1] - updates[0]).norm() / updates[0].norm()).item()
     result["speedup"] = {m: t_dense / result["seconds"][m] for m in ("cholesky", "woodbury")}
+    result["speedup"]["factor_P"] = t_eigh / t_range
     result["speedup"]["woodbury_with_absorb"] = t_dense / (result["seconds"]["woodbury"]
                                                            + result["seconds"]["woodbury_absorb"])
     return result
