@@ -25,6 +25,7 @@ from .projector import basis_from_projector
 from .reference import apply_alphaedit_ref
 from .solve import ProjectedSolver, dense_update, woodbury_absorb
 from .tiny import tiny_model, tiny_tokenizer_for
+from .values import z_step_tokens
 
 # name -> (family, config overrides, edited layers)
 SHAPES: dict[str, tuple[str, dict, list[int]]] = {
@@ -96,9 +97,12 @@ def bench_edit(shape: str, n_edits: int, repeats: int = 3, paths=("reference", "
     bases = random_bases(len(hparams.layers), d_k, device, null_fraction)
     requests = synthetic_requests(n_edits)
     result = {"shape": shape, "edits": n_edits, "repeats": repeats, "d_k": d_k, "null_dim": bases[0].shape[1],
-              "layers": hparams.layers, "dtype": str(dtype), "device": device, "paths": {}}
+              "layers": hparams.layers, "dtype": str(dtype), "device": device, "paths": {},
+              "z_step_tokens": z_step_tokens(model, tok, requests, hparams, CONTEXT_TEMPLATES), "peak_memory_bytes": {}}
     for path in paths:
         runs = []
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         for _ in range(repeats):
             work = copy.deepcopy(model)
             timings: dict[str, float] = {}
@@ -115,6 +119,7 @@ def bench_edit(shape: str, n_edits: int, repeats: int = 3, paths=("reference", "
             timings["total"] = time.perf_counter() - start
             runs.append(timings)
             del work
+        result["peak_memory_bytes"][path] = peak_memory_bytes(device)
         med = _median_phases(runs)
         med["edits_per_s"] = n_edits / med["total"]
         result["paths"][path] = med
@@ -122,6 +127,17 @@ def bench_edit(shape: str, n_edits: int, repeats: int = 3, paths=("reference", "
         ref, fast = result["paths"]["reference"], result["paths"]["fast"]
         result["speedup"] = {k: ref[k] / fast[k] for k in ("z", "keys", "solve", "cache update", "total")}
     return result
+
+
+def peak_memory_bytes(device: str) -> int:
+    """Peak memory so far: allocated on the GPU (since the last reset), or this process's peak
+    resident set on the CPU (Linux/macOS; it never decreases, so it bounds every earlier phase)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024
 
 
 def bench_solve(d_k: int = 3072, d_model: int = 768, n_edits: int = 100, null_fraction: float = 0.5,

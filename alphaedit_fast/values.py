@@ -122,13 +122,34 @@ def compute_zs(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, 
 def optimise_zs(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, layer: int, context_templates,
                 batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
     """`compute_zs` on inputs already validated (normalised requests, checked templates)."""
-    rows_per_request = sum(len(g) for g in context_templates) + 1
-    batch_size = batch_size or hparams.extra.get("z_batch_size") or default_z_batch_size(model, rows_per_request)
-    chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+    chunks = _micro_batches(model, requests, hparams, context_templates, batch_size)
     with frozen(model):
         zs = [_optimise(model, tok, chunk, hparams, layer, context_templates)
               for chunk in tqdm(chunks, desc="z", unit="batch", disable=not progress)]
     return torch.cat(zs)
+
+
+def _micro_batches(model, requests: list[dict], hparams: AlphaEditHyperParams, context_templates,
+                   batch_size: int | None) -> list[list[dict]]:
+    """The micro-batches of requests the z optimisation runs (see `compute_zs`)."""
+    rows_per_request = sum(len(g) for g in context_templates) + 1
+    batch_size = batch_size or hparams.extra.get("z_batch_size") or default_z_batch_size(model, rows_per_request)
+    return [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+
+
+def z_step_tokens(model, tok, requests, hparams: AlphaEditHyperParams, context_templates,
+                  batch_size: int | None = None) -> dict[str, int]:
+    """Token slots the first z step pushes through the blocks after the z layer, summed over the
+    micro-batches: `padded` (rows x longest row), `real` (non-padding) and `suffix` (each row's
+    lookup position to its end: under causal attention the only positions a step changes)."""
+    counts = {"padded": 0, "real": 0, "suffix": 0}
+    for chunk in _micro_batches(model, normalize_requests(requests), hparams, context_templates, batch_size):
+        batch = _prepare(tok, chunk, context_templates, hparams.fact_token, "cpu")
+        lengths = batch.attention_mask.sum(1)
+        counts["padded"] += batch.input_ids.numel()
+        counts["real"] += int(lengths.sum())
+        counts["suffix"] += int((lengths - batch.positions).sum())
+    return counts
 
 
 def _run_blocks_after(model, hparams: AlphaEditHyperParams, layer: int, loss_layer: int, input_ids, attention_mask,

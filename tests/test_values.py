@@ -172,3 +172,30 @@ def test_bf16_matches_bf16_reference():
     fast = compute_zs(model, tok, REQUESTS, hparams, 2, CONTEXT_TEMPLATES)
     assert fast.dtype == torch.float32
     assert ((fast - ref).norm(dim=1) / ref.norm(dim=1)).max() < 2e-2
+
+
+@pytest.mark.parametrize("batch_size", [2, 16])
+def test_z_step_token_counts(batch_size):
+    """padded / real / suffix token slots of a z step, against a count prompt by prompt."""
+    from alphaedit_fast.positions import lookup_positions
+    from alphaedit_fast.requests import normalize_requests, target_token_ids
+    from alphaedit_fast.values import z_step_tokens
+
+    model, tok = tiny_model("llama"), tiny_tokenizer_for("llama")
+    hparams = test_hparams(model)
+    requests = normalize_requests(MORE_REQUESTS)
+    expected = {"padded": 0, "real": 0, "suffix": 0}
+    for start in range(0, len(requests), batch_size):
+        lengths, suffixes = [], []
+        for r in requests[start : start + batch_size]:
+            suffix = tok.decode(target_token_ids(tok, r["target_new"]["str"])[:-1])
+            templates = [c.format(r["prompt"]) + suffix for g in CONTEXT_TEMPLATES for c in g] + ["{} is a"]
+            for template in templates:
+                length = len(tok(template.format(r["subject"]))["input_ids"])
+                lengths.append(length)
+                suffixes.append(length - lookup_positions(tok, [template], [r["subject"]], hparams.fact_token)[0])
+        expected["padded"] += len(lengths) * max(lengths)
+        expected["real"] += sum(lengths)
+        expected["suffix"] += sum(suffixes)
+    got = z_step_tokens(model, tok, MORE_REQUESTS, hparams, CONTEXT_TEMPLATES, batch_size=batch_size)
+    assert got == expected and got["suffix"] < got["real"] < got["padded"]
