@@ -98,11 +98,10 @@ def bench_edit(shape: str, n_edits: int, repeats: int = 3, paths=("reference", "
     requests = synthetic_requests(n_edits)
     result = {"shape": shape, "edits": n_edits, "repeats": repeats, "d_k": d_k, "null_dim": bases[0].shape[1],
               "layers": hparams.layers, "dtype": str(dtype), "device": device, "paths": {},
-              "z_step_tokens": z_step_tokens(model, tok, requests, hparams, CONTEXT_TEMPLATES), "peak_memory_bytes": {}}
+              "z_step_tokens": z_step_tokens(model, tok, requests, hparams, CONTEXT_TEMPLATES)}
     for path in paths:
         runs = []
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        peaks: dict[str, int] = {}
         for _ in range(repeats):
             work = copy.deepcopy(model)
             timings: dict[str, float] = {}
@@ -110,34 +109,23 @@ def bench_edit(shape: str, n_edits: int, repeats: int = 3, paths=("reference", "
             if path == "reference":
                 P = torch.stack([u @ u.T for u in bases]).cpu()
                 apply_alphaedit_ref(work, tok, requests, hparams, CONTEXT_TEMPLATES, P,
-                                    torch.zeros(len(hparams.layers), d_k, d_k), timings=timings)
+                                    torch.zeros(len(hparams.layers), d_k, d_k), timings=timings, peak_bytes=peaks)
             else:
                 editor = AlphaEditor(work, tok, hparams, projector=bases, context_templates=CONTEXT_TEMPLATES)
-                timings = editor.edit(requests)
+                timings = editor.edit(requests, peak_bytes=peaks)
             if device == "cuda":
                 torch.cuda.synchronize()
             timings["total"] = time.perf_counter() - start
             runs.append(timings)
             del work
-        result["peak_memory_bytes"][path] = peak_memory_bytes(device)
         med = _median_phases(runs)
         med["edits_per_s"] = n_edits / med["total"]
         result["paths"][path] = med
+        result.setdefault("peak_memory_bytes", {})[path] = peaks
     if "reference" in result["paths"] and "fast" in result["paths"]:
         ref, fast = result["paths"]["reference"], result["paths"]["fast"]
         result["speedup"] = {k: ref[k] / fast[k] for k in ("z", "keys", "solve", "cache update", "total")}
     return result
-
-
-def peak_memory_bytes(device: str) -> int:
-    """Peak memory so far: allocated on the GPU (since the last reset), or this process's peak
-    resident set on the CPU (Linux/macOS; it never decreases, so it bounds every earlier phase)."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if platform.system() == "Darwin" else peak * 1024
 
 
 def bench_solve(d_k: int = 3072, d_model: int = 768, n_edits: int = 100, null_fraction: float = 0.5,

@@ -27,8 +27,9 @@ def run_bench(args) -> None:
             print(f"{shape} {name:>9}: {med['edits_per_s']:.2f} edits/s ({phases})")
         tokens = result["z_step_tokens"]
         print(f"{shape} tokens per z step: {tokens['padded']} padded, {tokens['real']} real, {tokens['suffix']} at or "
-              f"after the lookup position ({tokens['suffix'] / tokens['padded']:.0%} of padded); peak memory "
-              + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in result["peak_memory_bytes"].items()))
+              f"after the lookup position ({tokens['suffix'] / tokens['padded']:.0%} of padded)")
+        for name, peaks in result["peak_memory_bytes"].items():
+            print(f"{shape} {name:>9} peak memory: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in peaks.items()))
         if "speedup" in result:
             print(f"{shape}   speed-up: " + ", ".join(f"{k} {v:.1f}x" for k, v in result["speedup"].items()))
         print(f"  -> {path}")

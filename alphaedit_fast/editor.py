@@ -105,7 +105,8 @@ def check_edit(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, 
 
 def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templates, solver, *,
              cache_template: str | None = None, z_batch_size: int | None = None, progress: bool = False,
-             timings: dict[str, float] | None = None) -> dict[int, torch.Tensor]:
+             timings: dict[str, float] | None = None, peak_bytes: dict[str, int] | None = None
+             ) -> dict[int, torch.Tensor]:
     """DESIGN steps 3-5 on inputs `check_edit` has passed; `solver` gives each layer's update and absorbs the
     new keys (solve.DenseSolver or solve.ProjectedSolver). Returns {layer: update (d_k, d_model)}.
 
@@ -114,7 +115,7 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
     """
     modules = check_model(model, hparams)
     n_layers = len(hparams.layers)
-    phase = Phases(model.get_input_embeddings().weight.device, timings)
+    phase = Phases(model.get_input_embeddings().weight.device, timings, peak_bytes)
     updates = {}
     with frozen(model), restore_on_error([m.weight for m in modules]):
         with phase("z"):
@@ -260,15 +261,17 @@ class AlphaEditor:
             bases = [basis_from_projector(p) for p in dense]
         return bases
 
-    def edit(self, requests: Sequence[dict], cache_template: str | None = None) -> dict[str, float]:
-        """Apply one batch of edits in place; returns the seconds spent per phase."""
+    def edit(self, requests: Sequence[dict], cache_template: str | None = None,
+             peak_bytes: dict[str, int] | None = None) -> dict[str, float]:
+        """Apply one batch of edits in place; returns the seconds spent per phase. A `peak_bytes`
+        dict receives each phase's peak memory (`timing.peak_memory_bytes`)."""
         requests = normalize_requests(requests)
         check_edit(self.model, self.tok, requests, self.hparams, self.context_templates, cache_template,
                    self.z_batch_size)
         timings: dict[str, float] = {}
         run_edit(self.model, self.tok, requests, self.hparams, self.context_templates, self.solver,
                  cache_template=cache_template, z_batch_size=self.z_batch_size, progress=self.progress,
-                 timings=timings)
+                 timings=timings, peak_bytes=peak_bytes)
         self.num_edits += len(requests)
         return timings
 

@@ -1,4 +1,4 @@
-"""Wall time per named phase, with GPU work synchronised at each boundary."""
+"""Wall time (and peak memory) per named phase, with GPU work synchronised at each boundary."""
 
 from __future__ import annotations
 
@@ -10,16 +10,22 @@ import torch
 
 
 class Phases:
-    """`with phases("z"): ...` adds the block's seconds to `phases.seconds["z"]`."""
+    """`with phases("z"): ...` adds the block's seconds to `phases.seconds["z"]` and, when a
+    `peak_bytes` dict is given, records there the peak memory while it ran (`peak_memory_bytes`)."""
 
-    def __init__(self, device: torch.device | str = "cpu", seconds: dict[str, float] | None = None):
+    def __init__(self, device: torch.device | str = "cpu", seconds: dict[str, float] | None = None,
+                 peak_bytes: dict[str, int] | None = None):
         self.seconds = seconds if seconds is not None else {}
-        self.cuda = torch.device(device).type == "cuda"
+        self.peak_bytes = peak_bytes
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         if self.cuda:
             torch.cuda.synchronize()
+            if self.peak_bytes is not None:
+                torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         try:
             yield
@@ -27,3 +33,18 @@ class Phases:
             if self.cuda:
                 torch.cuda.synchronize()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            if self.peak_bytes is not None:
+                self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), peak_memory_bytes(self.device))
+
+
+def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
+    """Peak memory: allocated on a GPU since its last reset, else this process's peak resident set
+    (Linux/macOS), which never decreases, so on the CPU a phase's value bounds it from above."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import platform
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024

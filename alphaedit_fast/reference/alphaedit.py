@@ -155,13 +155,14 @@ def compute_z_ref(model, tok, request, hparams: AlphaEditHyperParams, layer: int
 def apply_alphaedit_ref(
     model, tok, requests, hparams: AlphaEditHyperParams, context_templates,
     P: torch.Tensor, cache_c: torch.Tensor, timings: dict[str, float] | None = None,
+    peak_bytes: dict[str, int] | None = None,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Edit `model` in place (DESIGN steps 3-5). P, cache_c: (len(layers), d_k, d_k).
 
     Returns ({layer: weight update, shaped like the weight}, new cache_c on cache_c's device);
-    `timings` receives the seconds per phase.
+    `timings` receives the seconds per phase, `peak_bytes` the peak memory per phase.
     """
-    phase = Phases(model.get_input_embeddings().weight.device, timings)
+    phase = Phases(model.get_input_embeddings().weight.device, timings, peak_bytes)
     requests = [normalize_request(r, i) for i, r in enumerate(requests)]
     z_layer = hparams.layers[-1]
     with phase("z"):
