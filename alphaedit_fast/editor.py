@@ -95,8 +95,7 @@ def save_npz_atomically(path: Path, **arrays) -> None:
 def check_edit(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, context_templates,
                cache_template: str | None, z_batch_size) -> None:
     """Everything about one batch of edits that can be checked before any work starts."""
-    hparams.validate()  # fields may have been set since construction
-    check_model(model, hparams)
+    hparams.validate()  # fields may have been set since construction (run_edit then checks the model)
     check_requests_for_model(model, tok, requests, context_templates)
     check_options(z_batch_size=z_batch_size)
     for request in requests if cache_template is not None else []:

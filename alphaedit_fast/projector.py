@@ -122,9 +122,10 @@ def range_basis(P: torch.Tensor, tolerance: float) -> torch.Tensor | None:
     r = int(round(float(torch.diagonal(P).sum())))
     if not 0 <= r <= d:
         return None
+    from .validation import random_unit_vectors
+
+    probes = random_unit_vectors(d, P.device, P.dtype)
     gen = torch.Generator(device=P.device).manual_seed(0)
-    probes = torch.randn(d, 4, generator=gen, device=P.device, dtype=P.dtype)
-    probes /= probes.norm(dim=0)
     basis = torch.linalg.qr(P @ (P @ torch.randn(d, r, generator=gen, device=P.device, dtype=P.dtype)))[0]
     in_range = (P @ basis - basis).norm(dim=0).max() if r else P.new_zeros(())
     complete = (P @ probes - basis @ (basis.T @ probes)).norm(dim=0).max()

@@ -58,6 +58,15 @@ def normalize_requests(requests: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     return [normalize_request(r, i) for i, r in enumerate(requests)]
 
 
+KL_PROMPT = "{} is a"  # the prompt whose next-token distribution the KL term keeps
+
+
+def z_templates(prompt: str, suffix: str, context_templates) -> list[str]:
+    """The templates (subject still `{}`) of one request's z optimisation: each context template
+    filled with the prompt plus `suffix` (the target's tokens but the last, decoded), then KL_PROMPT."""
+    return [ctx.format(prompt) + suffix for group in context_templates for ctx in group] + [KL_PROMPT]
+
+
 def target_token_ids(tok, target: str) -> list[int]:
     """Token ids of a target string without a leading BOS/UNK (as the original)."""
     return targets_token_ids(tok, [target])[0]

@@ -7,6 +7,7 @@ says how to fix it; nothing here modifies its arguments.
 from __future__ import annotations
 
 import unicodedata
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -132,8 +133,6 @@ def layer_stack(value: Any, n_layers: int, d_k: int, name: str, fill: str) -> to
     """Validate P or cache_c, shaped (n_layers, d_k, d_k); None becomes identity or zeros."""
     if value is None:
         if fill == "identity":
-            import warnings
-
             warnings.warn("P=None: editing without a null-space constraint (P = I)", stacklevel=3)
             return torch.eye(d_k).expand(n_layers, d_k, d_k)
         return torch.zeros(n_layers, d_k, d_k)
@@ -146,8 +145,8 @@ def layer_stack(value: Any, n_layers: int, d_k: int, name: str, fill: str) -> to
     return value
 
 
-def _probe(d: int, device, dtype, n: int = 4) -> torch.Tensor:
-    """A few fixed random unit vectors (d, n): the checks below are deterministic."""
+def random_unit_vectors(d: int, device, dtype, n: int = 4) -> torch.Tensor:
+    """A few fixed random unit vectors (d, n) that probe a matrix cheaply and deterministically."""
     x = torch.randn(d, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return (x / x.norm(dim=0)).to(device, dtype)
 
@@ -157,7 +156,7 @@ def check_projector(P: torch.Tensor, name: str = "P") -> None:
     ||P x - P^T x|| and ||P (P x) - P x|| both below PROJECTOR_TOLERANCE."""
     for index, layer_P in enumerate(P):
         work = layer_P if layer_P.dtype in (torch.float32, torch.float64) else layer_P.float()
-        x = _probe(work.shape[0], work.device, work.dtype)
+        x = random_unit_vectors(work.shape[0], work.device, work.dtype)
         px = work @ x
         asymmetry = float((px - work.T @ x).norm(dim=0).max())
         non_idempotence = float((work @ px - px).norm(dim=0).max())
@@ -172,7 +171,7 @@ def check_basis(basis: torch.Tensor, name: str) -> None:
     """`basis` (d, r) has orthonormal columns: ||U y|| = ||y|| for random unit y."""
     if basis.shape[1] == 0:
         return
-    y = _probe(basis.shape[1], basis.device, basis.dtype if basis.is_floating_point() else torch.float32)
+    y = random_unit_vectors(basis.shape[1], basis.device, basis.dtype if basis.is_floating_point() else torch.float32)
     error = float(((basis @ y).norm(dim=0) - 1).abs().max())
     if error > PROJECTOR_TOLERANCE:
         raise ShapeError(f"{name} does not have orthonormal columns (| |Uy| - 1 | = {error:.2g}); pass the "
@@ -222,7 +221,7 @@ def check_requests_for_model(model, tok, requests: list[dict], context_templates
     tokens, no two requests asking for different targets of the same prompt and subject, and
     every prompt the edit runs (context + prompt + target) within the model's positions.
     Tokenises in a few batched calls."""
-    from .requests import describe, targets_token_ids
+    from .requests import describe, targets_token_ids, z_templates
 
     n = len(requests)
     subjects = [r["subject"] for r in requests]
@@ -246,13 +245,12 @@ def check_requests_for_model(model, tok, requests: list[dict], context_templates
         seen.setdefault(key, (index, targets[index]))
     if max_positions(model) is None:
         return
-    templates = [t for group in context_templates for t in group]
-    suffixes = tok.batch_decode([ids[:-1] for ids in targets_token_ids(tok, targets)])  # as values._prepare
+    suffixes = tok.batch_decode([ids[:-1] for ids in targets_token_ids(tok, targets)])
     texts, owners = [], []
-    for index, request in enumerate(requests):
-        filled = request["prompt"].format(request["subject"])
-        texts += [t.format(filled) + suffixes[index] for t in templates] + ["{} is a".format(request["subject"])]
-        owners += [index] * (len(templates) + 1)
+    for index, request in enumerate(requests):  # the rows values._prepare builds
+        rows = z_templates(request["prompt"], suffixes[index], context_templates)
+        texts += [t.format(request["subject"]) for t in rows]
+        owners += [index] * len(rows)
     lengths = [len(ids) for ids in tok(texts)["input_ids"]]
     longest = max(range(len(texts)), key=lengths.__getitem__)
     check_length(model, lengths[longest], f"{describe(requests[owners[longest]], owners[longest])}: "

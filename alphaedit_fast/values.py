@@ -20,7 +20,7 @@ from .modelstate import frozen
 from .ops import add_at_positions
 from .positions import absolute_positions, encode_batch, lookup_positions
 from .reference import compute_z_ref
-from .requests import normalize_requests, target_token_ids
+from .requests import normalize_requests, target_token_ids, z_templates
 from .trace import StopForward, capture_block_outputs, hidden_of, hooks, replayed_blocks, run_model
 from .validation import check_context_templates, check_options, check_requests_for_model
 
@@ -57,11 +57,11 @@ def _prepare(tok, requests, context_templates, fact_token: str, device) -> _Batc
     for index, request in enumerate(requests):
         ids = target_token_ids(tok, request["target_new"]["str"])
         suffix = tok.decode(ids[:-1])
-        prompts = [ctx.format(request["prompt"]) + suffix for group in context_templates for ctx in group]
-        targets.append((len(templates), len(prompts), ids))
-        templates += prompts + ["{} is a"]
-        words += [request["subject"]] * (len(prompts) + 1)
-        row_request += [index] * (len(prompts) + 1)
+        rows = z_templates(request["prompt"], suffix, context_templates)  # rewriting prompts, then the KL one
+        targets.append((len(templates), len(rows) - 1, ids))
+        templates += rows
+        words += [request["subject"]] * len(rows)
+        row_request += [index] * len(rows)
         kl_rows.append(len(templates) - 1)
     input_ids, mask = encode_batch(tok, [t.format(w) for t, w in zip(templates, words)], device)
     positions = absolute_positions(lookup_positions(tok, templates, words, fact_token), mask)
