@@ -47,10 +47,12 @@ def hooks(model: torch.nn.Module, handlers: dict[str, Callable], with_kwargs: bo
             handle.remove()
 
 
-def run_model(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """One forward pass without a KV cache; returns the model output, or None if stopped early."""
+def run_model(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              use_cache: bool = False, **kwargs):
+    """One forward pass (by default without a KV cache); returns the model output, or None if
+    stopped early. `kwargs` go to the model (position ids, a cache)."""
     try:
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
     except StopForward:
         return None
 

@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .arch import get_module
+from .arch import FAMILIES, get_module
 from .hparams import AlphaEditHyperParams
 from .modelstate import frozen
 from .ops import add_at_positions
 from .positions import absolute_positions, encode_batch, lookup_positions
 from .reference import compute_z_ref
 from .requests import normalize_requests, target_token_ids, z_templates
+from .suffix import SplitRows, cache_keyword, forward_with_kv, gather_prefix, select_rows, split_rows, step_cache
 from .trace import StopForward, capture_block_outputs, hidden_of, hooks, replayed_blocks, run_model
 from .validation import check_context_templates, check_options, check_requests_for_model
 
@@ -105,28 +106,38 @@ def default_z_batch_size(model, rows_per_request: int) -> int:
 
 
 def compute_zs(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, context_templates,
-               batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+               batch_size: int | None = None, progress: bool = False, suffix_only: bool | None = None) -> torch.Tensor:
     """Target values of all requests: (n, d_model) fp32, each as `compute_z` would give it.
 
     Requests are optimised together in micro-batches of `batch_size` (default: `z_batch_size`
     in the hyper-parameters' extra keys, else chosen from free memory), each with its own Adam
-    moments, early stop and norm clamp; a finished request never moves again.
+    moments, early stop and norm clamp; a finished request never moves again. With
+    `suffix_only` (default: on for the supported families) each step runs only the positions
+    delta reaches, against cached keys/values of the rest (`suffix.py`).
     """
     requests = normalize_requests(requests)
     context_templates = check_context_templates(context_templates)
     check_requests_for_model(model, tok, requests, context_templates)
     check_options(z_batch_size=batch_size)
-    return optimise_zs(model, tok, requests, hparams, layer, context_templates, batch_size, progress)
+    return optimise_zs(model, tok, requests, hparams, layer, context_templates, batch_size, progress, suffix_only)
 
 
 def optimise_zs(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, layer: int, context_templates,
-                batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+                batch_size: int | None = None, progress: bool = False, suffix_only: bool | None = None) -> torch.Tensor:
     """`compute_zs` on inputs already validated (normalised requests, checked templates)."""
+    if suffix_only is None:
+        suffix_only = supports_suffix_steps(model)
     chunks = _micro_batches(model, requests, hparams, context_templates, batch_size)
     with frozen(model):
-        zs = [_optimise(model, tok, chunk, hparams, layer, context_templates)
+        zs = [_optimise(model, tok, chunk, hparams, layer, context_templates, suffix_only)
               for chunk in tqdm(chunks, desc="z", unit="batch", disable=not progress)]
     return torch.cat(zs)
+
+
+def supports_suffix_steps(model) -> bool:
+    """Whether suffix-only steps are known to be exact on this model: the families tested
+    against whole-row steps (an unknown model with a familiar layout runs whole rows)."""
+    return getattr(model.config, "model_type", None) in FAMILIES
 
 
 def _micro_batches(model, requests: list[dict], hparams: AlphaEditHyperParams, context_templates,
@@ -153,7 +164,7 @@ def z_step_tokens(model, tok, requests, hparams: AlphaEditHyperParams, context_t
 
 
 def _run_blocks_after(model, hparams: AlphaEditHyperParams, layer: int, loss_layer: int, input_ids, attention_mask,
-                      replay, as_tuple: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                      replay, as_tuple: bool, **model_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward with blocks 0..layer replayed; stops at the final norm.
 
     Returns the outputs of block `loss_layer` and of the last block, both (rows, seq, d).
@@ -172,14 +183,45 @@ def _run_blocks_after(model, hparams: AlphaEditHyperParams, layer: int, loss_lay
             hooks(model, {hparams.layer_module_tmp.format(loss_layer): keep_loss_layer}):
         handle = ln_f.register_forward_pre_hook(stop_at_final_norm, with_kwargs=True)
         try:
-            run_model(model, input_ids, attention_mask)
+            run_model(model, input_ids, attention_mask, **model_kwargs)
         finally:
             handle.remove()
     return seen["loss"], seen["last"]
 
 
-def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, context_templates) -> torch.Tensor:
-    """z of one micro-batch of requests: (n, d_model) fp32."""
+def _first_pass(model, hparams: AlphaEditHyperParams, layer: int, loss_layer: int, batch: _Batch,
+                fixed_rows: torch.Tensor, fixed_positions: torch.Tensor, with_kv: bool):
+    """The pass over whole rows before the steps: block `layer`'s output (batch, seq, d), whether
+    blocks return tuples, the loss layer's output at (fixed_rows, fixed_positions) (tokens, d),
+    and with `with_kv` every block's keys/values (else None, and the pass stops at `layer`)."""
+    seen = {}
+
+    def on_z_block(module, args, kwargs, output):
+        seen["cached"], seen["tuple"] = hidden_of(output).detach(), isinstance(output, tuple)
+
+    def on_loss_block(module, args, kwargs, output):
+        hidden = hidden_of(output)
+        seen["fixed"] = hidden[fixed_rows.to(hidden.device), fixed_positions.to(hidden.device)].detach()
+
+    z_name, loss_name = hparams.layer_module_tmp.format(layer), hparams.layer_module_tmp.format(loss_layer)
+    if not with_kv:
+        cached, as_tuple = capture_block_outputs(model, batch.input_ids, batch.attention_mask, z_name)
+        return cached, as_tuple, None, None
+    handlers = {z_name: on_z_block, loss_name: on_loss_block}
+    if z_name == loss_name:
+        handlers = {z_name: lambda *a: (on_z_block(*a), on_loss_block(*a))}
+    kv = forward_with_kv(model, batch.input_ids, batch.attention_mask, hparams.layer_module_tmp, handlers,
+                         hparams.ln_f_module)
+    return seen["cached"], seen["tuple"], seen["fixed"], kv
+
+
+def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, context_templates,
+              suffix_only: bool = True) -> torch.Tensor:
+    """z of one micro-batch of requests: (n, d_model) fp32.
+
+    With `suffix_only` each step runs only the positions from each row's lookup position on,
+    against the cached keys/values of the positions before it (`suffix.py`); else whole rows.
+    """
     device = model.get_input_embeddings().weight.device
     batch = _prepare(tok, requests, context_templates, hparams.fact_token, device)
     n = len(requests)
@@ -190,18 +232,42 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
     lm_b = lm_head.bias if getattr(lm_head, "bias", None) is not None else lm_w.new_zeros(lm_w.shape[1])
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
-    # Blocks 0..L once; their output is replayed at every step.
-    cached, as_tuple = capture_block_outputs(model, batch.input_ids, batch.attention_mask,
-                                             hparams.layer_module_tmp.format(layer))
+    def target_log_probs(hidden, ids):
+        log_probs = torch.log_softmax(ln_f(hidden) @ lm_w + lm_b, dim=-1)
+        return log_probs.gather(1, ids.unsqueeze(1).to(log_probs.device)).squeeze(1).float()
+
+    # Rows split at their lookup position: delta reaches only the suffix; a target token read
+    # before it ("fixed", possible with fact_token="last") has a constant log-prob.
+    split_at = batch.positions if suffix_only else torch.zeros_like(batch.positions)
+    split = split_rows(batch.attention_mask, split_at)
+    live = batch.target_positions >= split_at[batch.target_rows]
+    cached, as_tuple, fixed_hidden, kv = _first_pass(
+        model, hparams, layer, loss_layer, batch, batch.target_rows[~live], batch.target_positions[~live], suffix_only)
     dev = cached.device
     batch = _Batch(*[t.to(dev) for t in vars(batch).values()])
-    all_rows = torch.arange(len(batch.row_request), device=dev)
+    split, split_at, live = SplitRows(*[t.to(dev) for t in vars(split).values()]), split_at.to(dev), live.to(dev)
     h0 = cached[batch.first_rows, batch.positions[batch.first_rows]]
     h0_norm = h0.norm(dim=-1).float()
+    suffix_hidden = cached.gather(1, split.suffix_index[..., None].expand(-1, -1, cached.shape[-1]))
+    suffix_ids = batch.input_ids.gather(1, split.suffix_index)
+    delta_at = batch.positions - split_at  # suffix coordinate of each row's lookup position
+    prefix_kv = gather_prefix(kv, split, first_needed=layer + 1) if kv and split.prefix_mask.shape[1] else None
+    fixed_nll = torch.zeros(n, device=dev)
+    if fixed_hidden is not None and fixed_hidden.shape[0]:
+        fixed = ~live
+        with torch.no_grad():
+            log_probs = target_log_probs(fixed_hidden, batch.target_ids[fixed]).to(dev)
+        fixed_terms = -(log_probs * batch.target_weights[fixed])
+        fixed_nll.index_add_(0, batch.row_request[batch.target_rows[fixed]], fixed_terms)
+    t_rows, t_ids, t_weights = batch.target_rows[live], batch.target_ids[live], batch.target_weights[live]
+    t_at = batch.target_positions[live] - split_at[t_rows]
+
+    all_rows = torch.arange(len(batch.row_request), device=dev)
     delta = torch.zeros(n, h0.shape[-1], device=dev)
     exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     kl_init = None
+    rows_kv = (None, None)  # (rows, their prefix keys/values): re-gathered only when requests finish
 
     for step in range(hparams.v_num_grad_steps):
         active = (~done).nonzero().squeeze(1)  # requests still optimising; only their rows run
@@ -212,28 +278,31 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
         rows = all_rows[local_request[batch.row_request] >= 0]
         local_row = torch.full_like(all_rows, -1)
         local_row[rows] = torch.arange(rows.numel(), device=dev)
-        row_request, positions = local_request[batch.row_request[rows]], batch.positions[rows]
-        rows_cached = cached[rows]
+        row_request = local_request[batch.row_request[rows]]
+        step_split = split.select(rows)
+        model_kwargs = {"position_ids": step_split.suffix_index.to(device)}
+        if prefix_kv is not None:
+            if rows_kv[0] is None or not torch.equal(rows_kv[0], rows):
+                rows_kv = (rows, select_rows(prefix_kv, rows))
+            model_kwargs[cache_keyword(model)] = step_cache(model, rows_kv[1])
         active_delta = delta[active].clone().requires_grad_(True)
 
-        def replay(rows_cached=rows_cached, positions=positions, row_request=row_request, d=active_delta):
-            return add_at_positions(rows_cached, positions, row_request, d)
+        def replay(hidden=suffix_hidden[rows], at=delta_at[rows], row_request=row_request, d=active_delta):
+            return add_at_positions(hidden, at, row_request, d)
 
         with torch.enable_grad():
-            h_loss, h_last = _run_blocks_after(model, hparams, layer, loss_layer, batch.input_ids[rows.to(device)],
-                                               batch.attention_mask[rows.to(device)], replay, as_tuple)
+            h_loss, h_last = _run_blocks_after(model, hparams, layer, loss_layer, suffix_ids[rows].to(device),
+                                               step_split.attention_mask.to(device), replay, as_tuple, **model_kwargs)
             # Rewriting loss: read at the loss layer through the final norm and LM head (as the original).
-            tokens = local_row[batch.target_rows] >= 0
-            token_rows = local_row[batch.target_rows[tokens]]
-            hidden = h_loss[token_rows.to(h_loss.device), batch.target_positions[tokens].to(h_loss.device)]
-            log_probs = torch.log_softmax(ln_f(hidden) @ lm_w + lm_b, dim=-1)
-            picked = log_probs.gather(1, batch.target_ids[tokens].unsqueeze(1).to(log_probs.device)).squeeze(1)
-            weighted = -(picked.float().to(dev) * batch.target_weights[tokens])
-            nll = torch.zeros(active.numel(), device=dev).index_add(0, row_request[token_rows], weighted)
+            tokens = local_row[t_rows] >= 0
+            token_rows = local_row[t_rows[tokens]]
+            hidden = h_loss[token_rows.to(h_loss.device), t_at[tokens].to(h_loss.device)]
+            weighted = -(target_log_probs(hidden, t_ids[tokens]).to(dev) * t_weights[tokens])
+            nll = fixed_nll[active].index_add(0, row_request[token_rows], weighted)
 
             # KL at each request's "{} is a" lookup position, on the model's own logits.
             kl_rows = batch.kl_rows[active]
-            last = h_last[local_row[kl_rows].to(h_last.device), batch.positions[kl_rows].to(h_last.device)]
+            last = h_last[local_row[kl_rows].to(h_last.device), delta_at[kl_rows].to(h_last.device)]
             logits = lm_head(ln_f(last)).float()
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap

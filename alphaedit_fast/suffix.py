@@ -1,0 +1,138 @@
+"""Suffix-only value steps (DESIGN "Causality"): the keys/values of the positions before a
+row's lookup position are constants of the z optimisation, so each step runs only suffixes.
+
+A right-padded row of length n with lookup position p splits into a prefix [0, p) and a suffix
+[p, n). The keys/values of every block come once from a forward pass with the model's own KV
+cache; the prefixes are laid out left-padded to the longest one, so that an index distance in
+the cache is a token distance (as sliding-window masks assume), and every step hands the model
+a fresh cache holding them, the suffixes following right-padded with their true position ids.
+The model's own attention, rotary, GQA, sliding-window and softcap code does the rest, for
+every family, on transformers 4.4x (tuple caches for GPT-2) and 5.x.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+from .arch import get_module
+from .trace import StopForward, hooks, run_model
+
+KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (rows, kv_heads, seq, head_dim) each
+
+
+@dataclass
+class SplitRows:
+    """Where each row splits into a cached prefix and a recomputed suffix."""
+
+    prefix_index: torch.Tensor  # (rows, P) full position of each prefix slot, left-padded (pads: 0)
+    prefix_mask: torch.Tensor  # (rows, P) 1 on real prefix tokens
+    suffix_index: torch.Tensor  # (rows, S) full position of each suffix slot (pads: the row's last token)
+    suffix_mask: torch.Tensor  # (rows, S) 1 on real suffix tokens
+
+    def select(self, rows: torch.Tensor) -> SplitRows:
+        """The split of a subset of rows (same P and S)."""
+        return SplitRows(*[getattr(self, f.name)[rows] for f in fields(self)])
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(rows, P + S): the mask of a step, cached prefix then suffix."""
+        return torch.cat([self.prefix_mask, self.suffix_mask], dim=1)
+
+
+def split_rows(attention_mask: torch.Tensor, positions: torch.Tensor) -> SplitRows:
+    """Split right-padded rows (attention_mask: (rows, seq)) at `positions` (rows,)."""
+    lengths = attention_mask.sum(1)
+    device = attention_mask.device
+    prefix_slots = torch.arange(int(positions.max()), device=device)
+    start = prefix_slots.numel() - positions  # first real slot of each left-padded prefix
+    prefix_offset = prefix_slots[None] - start[:, None]
+    suffix_slots = torch.arange(int((lengths - positions).max()), device=device)
+    suffix_index = positions[:, None] + suffix_slots[None]
+    return SplitRows(prefix_index=prefix_offset.clamp(min=0), prefix_mask=(prefix_offset >= 0).long(),
+                     suffix_index=torch.minimum(suffix_index, lengths[:, None] - 1),
+                     suffix_mask=(suffix_index < lengths[:, None]).long())
+
+
+def uses_legacy_cache(model: torch.nn.Module) -> bool:
+    """Whether the model takes tuples of (keys, values) rather than a Cache object (GPT-2 on 4.4x)."""
+    return not getattr(model, "_supports_cache_class", True)
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward keyword of the KV cache: `cache` in recent transformers, else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def forward_with_kv(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    layer_module_tmp: str, handlers: dict[str, Callable], stop_before: str) -> list[KV]:
+    """One no-grad forward pass with a KV cache, calling `handlers` as forward hooks and stopping
+    before module `stop_before` (the final norm). Returns every block's full keys/values."""
+    from transformers import DynamicCache
+
+    n_blocks = len(get_module(model, layer_module_tmp.format("")[:-1]))
+    legacy = uses_legacy_cache(model)
+    presents: dict[int, KV] = {}
+
+    def keep_present(index: int):
+        def hook(module, args, kwargs, output):
+            presents[index] = output[1]
+
+        return hook
+
+    block_hooks = {layer_module_tmp.format(i): keep_present(i) for i in range(n_blocks)} if legacy else {}
+    cache = None if legacy else DynamicCache()
+
+    def stop(module, args, kwargs):
+        raise StopForward
+
+    stop_handle = get_module(model, stop_before).register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with torch.no_grad(), hooks(model, block_hooks), hooks(model, handlers):
+            extra = {} if legacy else {cache_keyword(model): cache}
+            run_model(model, input_ids, attention_mask, use_cache=True, **extra)
+    finally:
+        stop_handle.remove()
+    if legacy:
+        return [tuple(presents[i]) for i in range(n_blocks)]
+    if hasattr(cache, "layers"):  # transformers 5.x
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def gather_prefix(kv: list[KV], split: SplitRows, first_needed: int) -> list[KV]:
+    """The left-padded prefix keys/values of every block: (rows, kv_heads, P, head_dim).
+
+    Blocks before `first_needed` never run in a step; they get zero-size stand-ins that only
+    carry the prefix length, which is what the model reads off a cache's first layer."""
+    out = []
+    for index, (keys, values) in enumerate(kv):
+        if index < first_needed:
+            dummy = keys.new_zeros(keys.shape[0], 1, split.prefix_index.shape[1], 1)
+            out.append((dummy, dummy))
+            continue
+        at = split.prefix_index.to(keys.device)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+        out.append((keys.gather(2, at), values.gather(2, at.expand(-1, -1, -1, values.shape[3]))))
+    return out
+
+
+def select_rows(kv: list[KV], rows: torch.Tensor) -> list[KV]:
+    """The cached keys/values of a subset of rows."""
+    return [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in kv]
+
+
+def step_cache(model: torch.nn.Module, prefix: list[KV]):
+    """A fresh cache holding `prefix`, as the model's forward takes it; each step needs its own
+    because the model appends the step's suffix keys/values to it."""
+    if uses_legacy_cache(model):
+        return tuple(prefix)
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(prefix):
+        cache.update(keys, values, index)
+    return cache
+

@@ -1,0 +1,85 @@
+"""Suffix-only z steps (values.py + suffix.py) against whole-row steps and the reference.
+
+Every family, on transformers 4.4x and 5.x (`make test-compat` runs this file too): the steps
+must run only the suffixes (fewer token slots) and give the z's of whole-row steps, including
+where a target token is read before the lookup position (fact_token="last") and under sliding
+windows shorter than the prompts.
+"""
+
+import pytest
+import torch
+import transformers
+
+import alphaedit_fast.values as values
+from alphaedit_fast.requests import normalize_requests
+from alphaedit_fast.suffix import split_rows
+from alphaedit_fast.tiny import FAMILY_CONFIGS, tiny_model, tiny_tokenizer_for
+
+from .conftest import CONTEXT_TEMPLATES, REQUESTS, assert_close_rel, test_hparams, z_rtol
+from .test_values import MORE_REQUESTS, reference_zs
+
+
+def test_split_rows_layout():
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    split = split_rows(mask, torch.tensor([3, 1, 0]))
+    assert split.prefix_mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]  # left-padded to the longest prefix
+    assert split.prefix_index.tolist() == [[0, 1, 2], [0, 0, 0], [0, 0, 0]]
+    assert split.suffix_mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert split.suffix_index.tolist() == [[3, 4, 4, 4], [1, 2, 2, 2], [0, 1, 2, 3]]  # = position ids
+    assert split.attention_mask.shape == (3, 7)
+    assert split.select(torch.tensor([1])).suffix_index.tolist() == [[1, 2, 2, 2]]
+
+
+def _skip_unless_available(family):
+    from transformers import CONFIG_MAPPING
+
+    if family not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {family} models")
+
+
+def _zs_and_step_widths(model, tok, requests, hparams, suffix_only, monkeypatch):
+    """z's of `compute_zs` and the sequence width of every step's forward."""
+    widths, run = [], values._run_blocks_after
+    monkeypatch.setattr(values, "_run_blocks_after", lambda *a, **k: widths.append(a[4].shape[1]) or run(*a, **k))
+    zs = values.compute_zs(model, tok, requests, hparams, hparams.layers[-1], CONTEXT_TEMPLATES,
+                           suffix_only=suffix_only)
+    monkeypatch.setattr(values, "_run_blocks_after", run)
+    return zs, widths
+
+
+@pytest.mark.parametrize("fact_token", ["subject_last", "last"])
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_suffix_steps_match_whole_rows(family, fact_token, monkeypatch):
+    _skip_unless_available(family)
+    model, tok = tiny_model(family), tiny_tokenizer_for(family)
+    hparams = test_hparams(model, fact_token=fact_token)
+    assert values.supports_suffix_steps(model)
+    whole, whole_widths = _zs_and_step_widths(model, tok, MORE_REQUESTS, hparams, False, monkeypatch)
+    suffix, suffix_widths = _zs_and_step_widths(model, tok, MORE_REQUESTS, hparams, None, monkeypatch)
+
+    batch = values._prepare(tok, normalize_requests(MORE_REQUESTS), CONTEXT_TEMPLATES, fact_token, "cpu")
+    longest_suffix = int((batch.attention_mask.sum(1) - batch.positions).max())
+    assert suffix_widths[0] == longest_suffix < whole_widths[0] == batch.input_ids.shape[1]
+    assert_close_rel(suffix, whole, z_rtol(model, hparams, whole.norm(dim=1).min().item()), dim=1, what="z")
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma2", "phi3"])
+def test_sliding_window_shorter_than_the_prompts(family):
+    """A window of 3 tokens: the cached prefix must sit at its true distance from each suffix
+    token, or the mask admits or drops the wrong keys. Checked against the reference oracle."""
+    _skip_unless_available(family)
+    tok = tiny_tokenizer_for(family)
+    window = dict(sliding_window=3, use_sliding_window=True, max_window_layers=0)  # qwen2: window from layer 0
+    windowed = tiny_model(family, **window)
+    hparams = test_hparams(windowed, fact_token="last")
+    fast = values.compute_zs(windowed, tok, REQUESTS, hparams, 2, CONTEXT_TEMPLATES)
+    ref = reference_zs(windowed, tok, REQUESTS, hparams, CONTEXT_TEMPLATES)
+    assert_close_rel(fast, ref, z_rtol(windowed, hparams, ref.norm(dim=1).min().item()), dim=1, what="z")
+    unwindowed = values.compute_zs(tiny_model(family), tok, REQUESTS, hparams, 2, CONTEXT_TEMPLATES)
+    assert ((unwindowed - ref).norm(dim=1) / ref.norm(dim=1)).max() > 1e-2  # the window mattered
+
+
+def test_unknown_model_type_runs_whole_rows():
+    model = tiny_model("llama")
+    model.config.model_type = "my-llama"
+    assert not values.supports_suffix_steps(model)
