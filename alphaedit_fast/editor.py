@@ -17,7 +17,7 @@ import torch
 from .arch import key_width, stores_keys_first
 from .errors import InvalidArgumentError, InvalidRequestError, require_finite
 from .hparams import AlphaEditHyperParams
-from .keys import compute_keys
+from .keys import KeyPasses
 from .modelstate import frozen, restore_on_error
 from .projector import ProjectorBases, basis_from_projector, check_projector_model
 from .requests import normalize_requests
@@ -36,7 +36,7 @@ from .validation import (
     layer_stack,
     model_width,
 )
-from .values import optimise_zs
+from .values import optimise_zs_and_keys
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,12 @@ def z_cache_path(cache_template: str | None, hparams: AlphaEditHyperParams, requ
     return Path(str(cache_template).format(hparams.layers[-1], hparams.clamp_norm_factor, request["case_id"]))
 
 
-def target_values(model, tok, requests, hparams, context_templates, cache_template, z_batch_size, progress):
+def target_values(model, tok, requests, hparams, context_templates, cache_template, z_batch_size, progress
+                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """z of every request (d_model, n) fp32: read from the original's `.npz` cache files when
-    `cache_template` names them, the rest optimised together by `compute_zs`."""
+    `cache_template` names them, the rest optimised together by `compute_zs`. Also the first
+    layer's keys (n, d_k) and block L's output at the plain prompts (n, d_model), when the z
+    pass read them (every z computed, prompts that allow it), else None."""
     paths = [z_cache_path(cache_template, hparams, r) for r in requests]
     d_model = model_width(model)
     zs: list[torch.Tensor | None] = [None] * len(requests)
@@ -59,14 +62,18 @@ def target_values(model, tok, requests, hparams, context_templates, cache_templa
         if path is not None and path.exists():
             zs[i] = read_cached_z(path, d_model)
     todo = [i for i, z in enumerate(zs) if z is None]
+    first = None
     if todo:
-        computed = optimise_zs(model, tok, [requests[i] for i in todo], hparams, hparams.layers[-1],
-                              context_templates, batch_size=z_batch_size, progress=progress)
+        computed, keys, z_out = optimise_zs_and_keys(
+            model, tok, [requests[i] for i in todo], hparams, hparams.layers[-1], context_templates,
+            batch_size=z_batch_size, progress=progress, key_layer=hparams.layers[0])
+        if keys is not None and len(todo) == len(requests):
+            first = (keys, z_out)
         for i, z in zip(todo, computed):
             zs[i] = z.cpu()
             if paths[i] is not None:
                 save_npz_atomically(paths[i], v_star=zs[i].numpy())
-    return torch.stack(zs, dim=1)
+    return torch.stack(zs, dim=1), first
 
 
 def read_cached_z(path: Path, d_model: int) -> torch.Tensor | None:
@@ -118,13 +125,25 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
     updates = {}
     with frozen(model), restore_on_error([m.weight for m in modules]):
         with phase("z"):
-            zs = target_values(model, tok, requests, hparams, context_templates, cache_template, z_batch_size, progress)
+            zs, first = target_values(model, tok, requests, hparams, context_templates, cache_template, z_batch_size,
+                                      progress)
             require_finite(zs, "target values z")
-        for i, (layer, module) in enumerate(zip(hparams.layers, modules)):
+        with phase("keys"):
+            passes = KeyPasses(model, tok, requests, hparams, context_templates, with_z_output=True)
+        layers = hparams.layers
+        for i, (layer, module) in enumerate(zip(layers, modules)):
             device = module.weight.device
             with phase("keys"):
-                (keys,), cur_zs = compute_keys(model, tok, requests, hparams, [layer], context_templates,
-                                               with_z_output=True)
+                if i == 0 and first is not None:  # read in the z pass (the subject lies before the target)
+                    (keys, cur_zs), first = first, None
+                else:
+                    # Editing layers[i-1] changed nothing before its block: restart there. Block
+                    # layers[0]'s input never changes; the cache update restarts from it too.
+                    (keys,), cur_zs = passes.read([layer], with_z_output=True,
+                                                  resume_at=layers[i - 1] if i else None,
+                                                  keep_inputs_of=sorted({layers[0], layer}))
+                    if i > 1:
+                        passes.drop_input(layers[i - 1])
             with phase("solve"):
                 resid = (zs.to(device) - cur_zs.T.to(device)) / (n_layers - i)
                 upd = solver.update(i, keys.T.to(device), resid)
@@ -134,7 +153,7 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
                     module.weight.add_((upd if stores_keys_first(module) else upd.T).to(module.weight.dtype))
             updates[layer] = upd
         with phase("cache update"):
-            keys_after, _ = compute_keys(model, tok, requests, hparams, hparams.layers, context_templates)
+            keys_after, _ = passes.read(layers, resume_at=layers[0])
             solver.absorb([k.T.to(m.weight.device) for k, m in zip(keys_after, modules)])
     return updates
 

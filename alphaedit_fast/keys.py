@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from .hparams import AlphaEditHyperParams
 from .ops import gather_segment_mean
 from .positions import absolute_positions, encode_batch, lookup_positions
 from .requests import normalize_requests
-from .trace import capture_at_positions, hidden_of, read_modules
+from .trace import capture_at_positions, hidden_of, read_modules, replayed_blocks
 from .validation import check_context_templates, check_length, check_requests_for_model
 
 MICRO_BATCH = 128
@@ -83,41 +84,84 @@ def compute_keys(model, tok, requests, hparams: AlphaEditHyperParams, layers, co
     Each forward stops after the deepest module read; inside the hooks, `gather_segment_mean`
     gathers the lookup positions and averages over context templates in one pass.
     """
-    templates, words = request_texts(requests, context_templates)
-    n, per_request = len(requests), len(templates) // len(requests)
-    flat = [ctx for group in context_templates for ctx in group]
-    group_weights = [1.0 / (len(group) * len(context_templates)) for group in context_templates for _ in group]
-    row_request = [i for i in range(n) for _ in range(per_request)]
-    row_weight = group_weights * n
-    plain_rows = [i * per_request + flat.index("{}") for i in range(n)] if "{}" in flat else None
-    if with_z_output and plain_rows is None:  # read the plain prompts in the same pass; they are no keys
-        plain_rows = list(range(len(templates), len(templates) + n))
-        templates, words = templates + [r["prompt"] for r in requests], words + [r["subject"] for r in requests]
-        row_request, row_weight = row_request + [0] * n, row_weight + [0.0] * n
-    positions = lookup_positions(tok, templates, words, hparams.fact_token)
-    texts = [t.format(w) for t, w in zip(templates, words)]
-    module_names = [hparams.rewrite_module_tmp.format(layer) for layer in layers]
-    z_block = hparams.layer_module_tmp.format(hparams.layers[-1])
-    device = model.get_input_embeddings().weight.device
-    keys: dict[str, torch.Tensor] = {}
-    outputs: list[torch.Tensor] = []
-    for start in range(0, len(texts), batch_size):
-        stop = start + batch_size
-        input_ids, mask = encode_batch(tok, texts[start:stop], device)
-        part_keys, part_z = _read_batch(
-            model, input_ids, mask, absolute_positions(positions[start:stop], mask),
-            torch.tensor(row_request[start:stop], device=device), torch.tensor(row_weight[start:stop], device=device),
-            n, module_names, z_block if with_z_output else None)
-        for name, part in part_keys.items():
-            keys[name] = part if name not in keys else keys[name] + part
-        outputs += part_z
-    z_out = torch.cat(outputs)[plain_rows].float() if with_z_output else None
-    return [keys[name] for name in module_names], z_out
+    passes = KeyPasses(model, tok, requests, hparams, context_templates, with_z_output, batch_size)
+    return passes.read(layers, with_z_output)
 
 
-def _read_batch(model, input_ids, mask, positions, segment, weight, n: int, module_names, z_block: str | None
+class KeyPasses:
+    """Key passes over one batch of requests' prompts, tokenised once (see `compute_keys`).
+
+    Editing layer l changes nothing before block l, so a pass after that edit can restart from
+    block l's input as an earlier pass saw it (`keep_input_of`), instead of from the embeddings.
+    """
+
+    def __init__(self, model, tok, requests, hparams: AlphaEditHyperParams, context_templates,
+                 with_z_output: bool = False, batch_size: int = MICRO_BATCH):
+        templates, words = request_texts(requests, context_templates)
+        n, per_request = len(requests), len(templates) // len(requests)
+        flat = [ctx for group in context_templates for ctx in group]
+        group_weights = [1.0 / (len(group) * len(context_templates)) for group in context_templates for _ in group]
+        row_request = [i for i in range(n) for _ in range(per_request)]
+        row_weight = group_weights * n
+        plain_rows = [i * per_request + flat.index("{}") for i in range(n)] if "{}" in flat else None
+        if with_z_output and plain_rows is None:  # read the plain prompts in the same pass; they are no keys
+            plain_rows = list(range(len(templates), len(templates) + n))
+            templates, words = templates + [r["prompt"] for r in requests], words + [r["subject"] for r in requests]
+            row_request, row_weight = row_request + [0] * n, row_weight + [0.0] * n
+        positions = lookup_positions(tok, templates, words, hparams.fact_token)
+        texts = [t.format(w) for t, w in zip(templates, words)]
+        device = model.get_input_embeddings().weight.device
+        self.model, self.hparams, self.n, self.plain_rows = model, hparams, n, plain_rows
+        self.batches = []  # (input_ids, mask, positions, row_request, row_weight) per micro-batch
+        for start in range(0, len(texts), batch_size):
+            stop = start + batch_size
+            input_ids, mask = encode_batch(tok, texts[start:stop], device)
+            self.batches.append((input_ids, mask, absolute_positions(positions[start:stop], mask),
+                                 torch.tensor(row_request[start:stop], device=device),
+                                 torch.tensor(row_weight[start:stop], device=device)))
+        self.block_inputs: dict[int, list[torch.Tensor]] = {}  # block -> its input (rows, seq, d) per micro-batch
+        self.as_tuple: bool | None = None  # whether blocks return tuples (learnt while keeping an input)
+
+    def read(self, layers, with_z_output: bool = False, resume_at: int | None = None,
+             keep_inputs_of: Sequence[int] = ()) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """As `compute_keys`. `resume_at`: start at this block from its kept input (the blocks
+        before it must be unchanged since), if kept; `keep_inputs_of`: keep these blocks' inputs
+        for later passes (only blocks the pass runs through, so at most block L with z outputs)."""
+        hparams = self.hparams
+        module_names = [hparams.rewrite_module_tmp.format(layer) for layer in layers]
+        z_block = hparams.layer_module_tmp.format(hparams.layers[-1]) if with_z_output else None
+        resume = resume_at if resume_at and resume_at in self.block_inputs and self.as_tuple is not None else None
+        kept: dict[str, list[torch.Tensor]] = {hparams.layer_module_tmp.format(b): [] for b in keep_inputs_of}
+        keys: dict[str, torch.Tensor] = {}
+        outputs: list[torch.Tensor] = []
+        for index, (input_ids, mask, positions, segment, weight) in enumerate(self.batches):
+            with self._resumed(resume, index):
+                part_keys, part_z = _read_batch(self.model, input_ids, mask, positions, segment, weight, self.n,
+                                                module_names, z_block, kept, self)
+            for name, part in part_keys.items():
+                keys[name] = part if name not in keys else keys[name] + part
+            outputs += part_z
+        for block in keep_inputs_of:
+            self.block_inputs[block] = kept[hparams.layer_module_tmp.format(block)]
+        z_out = torch.cat(outputs)[self.plain_rows].float() if with_z_output else None
+        return [keys[name] for name in module_names], z_out
+
+    def drop_input(self, block: int) -> None:
+        """Forget the kept input of `block` (frees its memory)."""
+        self.block_inputs.pop(block, None)
+
+    def _resumed(self, block: int | None, batch_index: int):
+        if block is None:
+            return contextlib.nullcontext()
+        cached = self.block_inputs[block][batch_index]
+        return replayed_blocks(self.model, self.hparams.layer_module_tmp, block - 1, lambda: cached, self.as_tuple)
+
+
+def _read_batch(model, input_ids, mask, positions, segment, weight, n: int, module_names, z_block: str | None,
+                keep: dict[str, list[torch.Tensor]], passes: KeyPasses
                 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """One micro-batch: each module's template-averaged keys (n, d_k) and block L's output rows."""
+    """One micro-batch: each module's template-averaged keys (n, d_k) and block L's output rows;
+    appends the input of each block named in `keep` to its list."""
     keys: dict[str, torch.Tensor] = {}
     outputs: list[torch.Tensor] = []
 
@@ -128,8 +172,15 @@ def _read_batch(model, input_ids, mask, positions, segment, weight, n: int, modu
         y = hidden_of(output)
         outputs.append(y[torch.arange(len(positions), device=y.device), positions.to(y.device)])
 
-    readers = {name: functools.partial(read_keys, name=name) for name in module_names}
+    def keep_input(x, output, name):
+        keep[name].append(x.detach())
+        passes.as_tuple = isinstance(output, tuple)
+
+    readers: dict[str, list[Callable]] = {name: [functools.partial(read_keys, name=name)] for name in module_names}
     if z_block is not None:
-        readers[z_block] = read_z
+        readers.setdefault(z_block, []).append(read_z)
+    for name in keep:
+        readers.setdefault(name, []).append(functools.partial(keep_input, name=name))
     read_modules(model, input_ids, mask, readers)
     return keys, outputs
+

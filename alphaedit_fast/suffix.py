@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .arch import get_module
-from .trace import StopForward, hooks, run_model
+from .trace import read_modules
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (rows, kv_heads, seq, head_dim) each
 
@@ -68,36 +68,23 @@ def cache_keyword(model: torch.nn.Module) -> str:
 
 
 def forward_with_kv(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    layer_module_tmp: str, handlers: dict[str, Callable], stop_before: str) -> list[KV]:
-    """One no-grad forward pass with a KV cache, calling `handlers` as forward hooks and stopping
-    before module `stop_before` (the final norm). Returns every block's full keys/values."""
+                    layer_module_tmp: str, readers: dict[str, list[Callable]], ln_f_module: str) -> list[KV]:
+    """One no-grad forward pass with a KV cache, calling `readers` as `trace.read_modules` does,
+    through the final norm (not the LM head). Returns every block's full keys/values."""
     from transformers import DynamicCache
 
     n_blocks = len(get_module(model, layer_module_tmp.format("")[:-1]))
-    legacy = uses_legacy_cache(model)
-    presents: dict[int, KV] = {}
-
-    def keep_present(index: int):
-        def hook(module, args, kwargs, output):
-            presents[index] = output[1]
-
-        return hook
-
-    block_hooks = {layer_module_tmp.format(i): keep_present(i) for i in range(n_blocks)} if legacy else {}
-    cache = None if legacy else DynamicCache()
-
-    def stop(module, args, kwargs):
-        raise StopForward
-
-    stop_handle = get_module(model, stop_before).register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        with torch.no_grad(), hooks(model, block_hooks), hooks(model, handlers):
-            extra = {} if legacy else {cache_keyword(model): cache}
-            run_model(model, input_ids, attention_mask, use_cache=True, **extra)
-    finally:
-        stop_handle.remove()
-    if legacy:
-        return [tuple(presents[i]) for i in range(n_blocks)]
+    readers = {name: list(functions) for name, functions in readers.items()}
+    readers.setdefault(ln_f_module, []).append(lambda x, output: None)  # the pass stops after it
+    if uses_legacy_cache(model):  # each block returns its (keys, values) second
+        presents: dict[int, KV] = {}
+        for index in range(n_blocks):
+            readers.setdefault(layer_module_tmp.format(index), []).append(
+                lambda x, output, index=index: presents.__setitem__(index, tuple(output[1])))
+        read_modules(model, input_ids, attention_mask, readers, use_cache=True)
+        return [presents[index] for index in range(n_blocks)]
+    cache = DynamicCache()
+    read_modules(model, input_ids, attention_mask, readers, use_cache=True, **{cache_keyword(model): cache})
     if hasattr(cache, "layers"):  # transformers 5.x
         return [(layer.keys, layer.values) for layer in cache.layers]
     return list(zip(cache.key_cache, cache.value_cache))

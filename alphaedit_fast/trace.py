@@ -58,14 +58,18 @@ def run_model(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 
 def read_modules(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 readers: dict[str, Callable[[torch.Tensor, object], None]], stop_early: bool = True) -> None:
-    """One forward pass (no grad) calling `readers[name](module_input, module_output)` as each
-    named module runs; with `stop_early` the pass ends once every reader has been called."""
+                 readers: dict[str, Callable | list[Callable]], stop_early: bool = True, **model_kwargs) -> None:
+    """One forward pass (no grad) calling `readers[name](module_input, module_output)` (one
+    function or a list of them) as each named module runs; with `stop_early` the pass ends once
+    every reader has been called. `model_kwargs` go to the model (a cache, `use_cache`)."""
     pending = set(readers)
 
     def make_hook(name: str):
+        functions = readers[name] if isinstance(readers[name], list) else [readers[name]]
+
         def hook(module, args, kwargs, output):
-            readers[name](input_of(args, kwargs), output)
+            for read in functions:
+                read(input_of(args, kwargs), output)
             pending.discard(name)
             if stop_early and not pending:
                 raise StopForward
@@ -73,7 +77,7 @@ def read_modules(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
         return hook
 
     with torch.no_grad(), hooks(model, {name: make_hook(name) for name in readers}):
-        run_model(model, input_ids, attention_mask)
+        run_model(model, input_ids, attention_mask, **model_kwargs)
 
 
 def capture_at_positions(
@@ -148,18 +152,3 @@ def replayed_blocks(model: torch.nn.Module, layer_module_tmp: str, last: int,
     finally:
         for i, block in enumerate(originals):
             container[i] = block
-
-
-def capture_block_outputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          block_name: str) -> tuple[torch.Tensor, bool]:
-    """Full output of one block (batch, seq, d), stopping the forward there, and whether the
-    block returned a tuple (transformers 4.4x) rather than a tensor (5.x)."""
-    seen = {}
-
-    def grab(module, args, kwargs, output):
-        seen["hidden"], seen["tuple"] = hidden_of(output).detach(), isinstance(output, tuple)
-        raise StopForward
-
-    with torch.no_grad(), hooks(model, {block_name: grab}):
-        run_model(model, input_ids, attention_mask)
-    return seen["hidden"], seen["tuple"]

@@ -8,6 +8,7 @@ computed once and replayed, and each step runs only the blocks after L.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -16,13 +17,14 @@ from tqdm.auto import tqdm
 
 from .arch import FAMILIES, get_module
 from .hparams import AlphaEditHyperParams
+from .keys import average_over_templates, request_texts
 from .modelstate import frozen
 from .ops import add_at_positions
 from .positions import absolute_positions, encode_batch, lookup_positions
 from .reference import compute_z_ref
 from .requests import normalize_requests, target_token_ids, z_templates
 from .suffix import SplitRows, cache_keyword, forward_with_kv, gather_prefix, select_rows, split_rows, step_cache
-from .trace import StopForward, capture_block_outputs, hidden_of, hooks, replayed_blocks, run_model
+from .trace import StopForward, hidden_of, hooks, read_modules, replayed_blocks, run_model
 from .validation import check_context_templates, check_options, check_requests_for_model
 
 EARLY_STOP_LOSS = 5e-2
@@ -125,13 +127,29 @@ def compute_zs(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, 
 def optimise_zs(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, layer: int, context_templates,
                 batch_size: int | None = None, progress: bool = False, suffix_only: bool | None = None) -> torch.Tensor:
     """`compute_zs` on inputs already validated (normalised requests, checked templates)."""
+    return optimise_zs_and_keys(model, tok, requests, hparams, layer, context_templates, batch_size, progress,
+                                suffix_only)[0]
+
+
+def optimise_zs_and_keys(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, layer: int,
+                         context_templates, batch_size: int | None = None, progress: bool = False,
+                         suffix_only: bool | None = None, key_layer: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`optimise_zs`, and with `key_layer` the first edit's inputs read in the same first pass:
+    the keys of `key_layer` (n, d_k) fp32 and block `layer`'s output at each plain prompt (n, d)
+    fp32, as `keys.compute_keys(..., with_z_output=True)` gives them. Those are (None, None) when
+    a key prompt's tokens up to its lookup position differ from the z prompt's (the target suffix
+    merged into them) or no context template is the plain "{}"."""
     if suffix_only is None:
-        suffix_only = supports_suffix_steps(model)
+        suffix_only = hparams.extra.get("z_suffix_only", supports_suffix_steps(model))
     chunks = _micro_batches(model, requests, hparams, context_templates, batch_size)
     with frozen(model):
-        zs = [_optimise(model, tok, chunk, hparams, layer, context_templates, suffix_only)
-              for chunk in tqdm(chunks, desc="z", unit="batch", disable=not progress)]
-    return torch.cat(zs)
+        parts = [_optimise(model, tok, chunk, hparams, layer, context_templates, suffix_only, key_layer)
+                 for chunk in tqdm(chunks, desc="z", unit="batch", disable=not progress)]
+    zs = torch.cat([z for z, _, _ in parts])
+    if any(keys is None for _, keys, _ in parts):
+        return zs, None, None
+    return zs, torch.cat([keys for _, keys, _ in parts]), torch.cat([out for _, _, out in parts])
 
 
 def supports_suffix_steps(model) -> bool:
@@ -190,40 +208,52 @@ def _run_blocks_after(model, hparams: AlphaEditHyperParams, layer: int, loss_lay
 
 
 def _first_pass(model, hparams: AlphaEditHyperParams, layer: int, loss_layer: int, batch: _Batch,
-                fixed_rows: torch.Tensor, fixed_positions: torch.Tensor, with_kv: bool):
-    """The pass over whole rows before the steps: block `layer`'s output (batch, seq, d), whether
-    blocks return tuples, the loss layer's output at (fixed_rows, fixed_positions) (tokens, d),
-    and with `with_kv` every block's keys/values (else None, and the pass stops at `layer`)."""
-    seen = {}
+                fixed_rows: torch.Tensor, fixed_positions: torch.Tensor, with_kv: bool,
+                key_module: str | None = None, key_rows: torch.Tensor | None = None) -> dict:
+    """The pass over whole rows before the steps. Returns {"cached": block `layer`'s output
+    (rows, seq, d), "tuple": whether blocks return tuples, "fixed": the loss layer's output at
+    (fixed_rows, fixed_positions) (tokens, d), "keys": the input of `key_module` at the lookup
+    positions of `key_rows` (len(key_rows), d_k), "kv": every block's keys/values}, the last
+    three only when asked for (`with_kv`; else the pass stops at block `layer`)."""
+    seen: dict = {}
+    readers: dict[str, list] = defaultdict(list)
 
-    def on_z_block(module, args, kwargs, output):
+    def on_z_block(x, output):
         seen["cached"], seen["tuple"] = hidden_of(output).detach(), isinstance(output, tuple)
 
-    def on_loss_block(module, args, kwargs, output):
+    def on_loss_block(x, output):
         hidden = hidden_of(output)
-        seen["fixed"] = hidden[fixed_rows.to(hidden.device), fixed_positions.to(hidden.device)].detach()
+        seen["fixed"] = hidden[fixed_rows.to(hidden.device), fixed_positions.to(hidden.device)]
 
-    z_name, loss_name = hparams.layer_module_tmp.format(layer), hparams.layer_module_tmp.format(loss_layer)
-    if not with_kv:
-        cached, as_tuple = capture_block_outputs(model, batch.input_ids, batch.attention_mask, z_name)
-        return cached, as_tuple, None, None
-    handlers = {z_name: on_z_block, loss_name: on_loss_block}
-    if z_name == loss_name:
-        handlers = {z_name: lambda *a: (on_z_block(*a), on_loss_block(*a))}
-    kv = forward_with_kv(model, batch.input_ids, batch.attention_mask, hparams.layer_module_tmp, handlers,
-                         hparams.ln_f_module)
-    return seen["cached"], seen["tuple"], seen["fixed"], kv
+    def on_key_module(x, output):
+        seen["keys"] = x[key_rows.to(x.device), batch.positions[key_rows].to(x.device)]
+
+    readers[hparams.layer_module_tmp.format(layer)].append(on_z_block)
+    if key_module is not None:
+        readers[key_module].append(on_key_module)
+    if with_kv:
+        readers[hparams.layer_module_tmp.format(loss_layer)].append(on_loss_block)
+        seen["kv"] = forward_with_kv(model, batch.input_ids, batch.attention_mask, hparams.layer_module_tmp,
+                                     readers, hparams.ln_f_module)
+    else:
+        read_modules(model, batch.input_ids, batch.attention_mask, readers)
+    return seen
 
 
 def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, context_templates,
-              suffix_only: bool = True) -> torch.Tensor:
-    """z of one micro-batch of requests: (n, d_model) fp32.
+              suffix_only: bool = True, key_layer: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """z of one micro-batch of requests (n, d_model) fp32, and with `key_layer` its keys and plain
+    prompt outputs (see `optimise_zs_and_keys`), else (z, None, None).
 
     With `suffix_only` each step runs only the positions from each row's lookup position on,
     against the cached keys/values of the positions before it (`suffix.py`); else whole rows.
     """
     device = model.get_input_embeddings().weight.device
     batch = _prepare(tok, requests, context_templates, hparams.fact_token, device)
+    key_rows, plain_rows = _key_rows(tok, requests, context_templates, hparams.fact_token, batch) \
+        if key_layer is not None else (None, None)
+    key_module = hparams.rewrite_module_tmp.format(key_layer) if key_rows is not None else None
     n = len(requests)
     loss_layer = max(hparams.v_loss_layer, layer)
     ln_f = get_module(model, hparams.ln_f_module)
@@ -241,8 +271,9 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
     split_at = batch.positions if suffix_only else torch.zeros_like(batch.positions)
     split = split_rows(batch.attention_mask, split_at)
     live = batch.target_positions >= split_at[batch.target_rows]
-    cached, as_tuple, fixed_hidden, kv = _first_pass(
-        model, hparams, layer, loss_layer, batch, batch.target_rows[~live], batch.target_positions[~live], suffix_only)
+    first = _first_pass(model, hparams, layer, loss_layer, batch, batch.target_rows[~live],
+                        batch.target_positions[~live], suffix_only, key_module, key_rows)
+    cached, as_tuple, fixed_hidden, kv = first["cached"], first["tuple"], first.get("fixed"), first.get("kv")
     dev = cached.device
     batch = _Batch(*[t.to(dev) for t in vars(batch).values()])
     split, split_at, live = SplitRows(*[t.to(dev) for t in vars(split).values()]), split_at.to(dev), live.to(dev)
@@ -325,4 +356,30 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
         norms = param.norm(dim=-1)
         param = torch.where((norms > max_norm)[:, None], param * (max_norm / norms)[:, None], param)
         delta[ids], exp_avg[ids], exp_avg_sq[ids] = param, m, v
-    return h0.float() + delta
+    if key_module is None:
+        return h0.float() + delta, None, None
+    keys = average_over_templates(first["keys"].to(dev), context_templates)
+    return h0.float() + delta, keys, cached[plain_rows.to(dev), batch.positions[plain_rows.to(dev)]].float()
+
+
+def _key_rows(tok, requests, context_templates, fact_token: str, batch: _Batch
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The z rows that hold each key prompt (request-major, template order as `keys.request_texts`)
+    and the plain "{}" row of each request, if every key prompt's tokens up to its lookup position
+    are the z row's and the lookup positions agree (causal attention then gives the same keys);
+    else (None, None)."""
+    flat = [ctx for group in context_templates for ctx in group]
+    if "{}" not in flat:
+        return None, None
+    templates, words = request_texts(requests, context_templates)
+    positions = lookup_positions(tok, templates, words, fact_token)
+    rows_per_request = len(flat) + 1  # the rewriting prompts, then the KL one
+    rows = [r * rows_per_request + j for r in range(len(requests)) for j in range(len(flat))]
+    ids = tok([t.format(w) for t, w in zip(templates, words)])["input_ids"]
+    z_positions, z_ids = batch.positions.tolist(), batch.input_ids.tolist()
+    for row, position, key_ids in zip(rows, positions, ids):
+        if z_positions[row] != position or z_ids[row][: position + 1] != key_ids[: position + 1]:
+            return None, None
+    plain = [r * rows_per_request + flat.index("{}") for r in range(len(requests))]
+    device = batch.positions.device
+    return torch.tensor(rows, device=device), torch.tensor(plain, device=device)

@@ -22,6 +22,7 @@ from .conftest import (
     CONTEXT_TEMPLATES,
     REQUESTS,
     UNIT_ROUNDOFF,
+    assert_close_rel,
     edit_rtol,
     forward_accumulation_length,
     identity_projector,
@@ -237,7 +238,10 @@ def test_failure_mid_edit_restores_every_weight(monkeypatch, requests_, solver, 
         assert torch.equal(value, before[name]), name
 
 
-def test_z_cache_files_round_trip(tmp_path, requests_):
+def test_z_cache_files_round_trip(tmp_path, requests_, monkeypatch):
+    """The second edit reads every z from the files and optimises none. Its first layer's keys
+    come from a key pass, not from the z pass, so the updates agree to rounding, not bit for bit."""
+    import alphaedit_fast.editor as editor
     from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
 
     model, tok = tiny_model("gpt2"), tiny_tokenizer_for("gpt2")
@@ -247,10 +251,13 @@ def test_z_cache_files_round_trip(tmp_path, requests_):
     apply_AlphaEdit_to_model(first, tok, requests_, hparams, cache_template=template, P=identity_projector(hparams),
                              context_templates=CONTEXT_TEMPLATES)
     assert len(list((tmp_path / "z").glob("*.npz"))) == len(requests_)
+    monkeypatch.setattr(editor, "optimise_zs_and_keys", lambda *a, **k: pytest.fail("z optimised again"))
     apply_AlphaEdit_to_model(second, tok, requests_, hparams, cache_template=template, P=identity_projector(hparams),
                              context_templates=CONTEXT_TEMPLATES)
-    for a, b in zip(rewrite_weights(first, hparams), rewrite_weights(second, hparams)):
-        assert torch.equal(a, b)
+    rtol = edit_rtol(model, tok, requests_, hparams)
+    weights = zip(rewrite_weights(first, hparams), rewrite_weights(second, hparams), rewrite_weights(model, hparams))
+    for a, b, before in weights:
+        assert_close_rel(b - before, a - before, rtol, what="update")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
