@@ -111,7 +111,10 @@ def bench_edit(shape: str, n_edits: int, repeats: int = 3, paths=("reference", "
                 apply_alphaedit_ref(work, tok, requests, hparams, CONTEXT_TEMPLATES, P,
                                     torch.zeros(len(hparams.layers), d_k, d_k), timings=timings, peak_bytes=peaks)
             else:
-                editor = AlphaEditor(work, tok, hparams, projector=bases, context_templates=CONTEXT_TEMPLATES)
+                path_hparams = copy.deepcopy(hparams)
+                if path == "fast-whole-rows":  # every z step runs whole rows, as before suffix-only steps
+                    path_hparams.extra["z_suffix_only"] = False
+                editor = AlphaEditor(work, tok, path_hparams, projector=bases, context_templates=CONTEXT_TEMPLATES)
                 timings = editor.edit(requests, peak_bytes=peaks)
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -125,6 +128,9 @@ def bench_edit(shape: str, n_edits: int, repeats: int = 3, paths=("reference", "
     if "reference" in result["paths"] and "fast" in result["paths"]:
         ref, fast = result["paths"]["reference"], result["paths"]["fast"]
         result["speedup"] = {k: ref[k] / fast[k] for k in ("z", "keys", "solve", "cache update", "total")}
+    if "fast-whole-rows" in result["paths"] and "fast" in result["paths"]:
+        whole, fast = result["paths"]["fast-whole-rows"], result["paths"]["fast"]
+        result["suffix_only_speedup"] = {k: whole[k] / fast[k] for k in ("z", "total")}
     return result
 
 

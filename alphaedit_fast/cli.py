@@ -27,11 +27,15 @@ def run_bench(args) -> None:
             print(f"{shape} {name:>9}: {med['edits_per_s']:.2f} edits/s ({phases})")
         tokens = result["z_step_tokens"]
         print(f"{shape} tokens per z step: {tokens['padded']} padded, {tokens['real']} real, {tokens['suffix']} at or "
-              f"after the lookup position ({tokens['suffix'] / tokens['padded']:.0%} of padded)")
+              f"after the lookup position ({tokens['suffix'] / tokens['padded']:.0%} of padded), "
+              f"{tokens['suffix_padded']} run per suffix-only step")
         for name, peaks in result["peak_memory_bytes"].items():
             print(f"{shape} {name:>9} peak memory: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in peaks.items()))
         if "speedup" in result:
             print(f"{shape}   speed-up: " + ", ".join(f"{k} {v:.1f}x" for k, v in result["speedup"].items()))
+        if "suffix_only_speedup" in result:
+            print(f"{shape}   suffix-only z steps vs whole rows: "
+                  + ", ".join(f"{k} {v:.1f}x" for k, v in result["suffix_only_speedup"].items()))
         print(f"  -> {path}")
     if args.stats:
         shape = (args.shape or ["b-gpt2-small"])[0]
@@ -201,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="model shape (repeatable; default: a-gpt2-6x128 and c-llama-8x512 unless --ops/--solve)")
     bench.add_argument("--edits", type=int, default=32, help="edits per batch")
     bench.add_argument("--repeats", type=int, default=3, help="runs per path; medians are reported")
-    bench.add_argument("--paths", default="reference,fast", help="comma-separated: reference, fast")
+    bench.add_argument("--paths", default="reference,fast",
+                       help="comma-separated: reference, fast, fast-whole-rows (z steps over whole rows)")
     bench.add_argument("--solve", action="store_true", help="also time one layer's solve at --solve-dk")
     bench.add_argument("--solve-dk", type=int, default=3072)
     bench.add_argument("--solve-edits", type=int, default=100)

@@ -169,15 +169,18 @@ def _micro_batches(model, requests: list[dict], hparams: AlphaEditHyperParams, c
 def z_step_tokens(model, tok, requests, hparams: AlphaEditHyperParams, context_templates,
                   batch_size: int | None = None) -> dict[str, int]:
     """Token slots the first z step pushes through the blocks after the z layer, summed over the
-    micro-batches: `padded` (rows x longest row), `real` (non-padding) and `suffix` (each row's
-    lookup position to its end: under causal attention the only positions a step changes)."""
-    counts = {"padded": 0, "real": 0, "suffix": 0}
+    micro-batches: `padded` (rows x longest row, as whole-row steps run), `real` (non-padding),
+    `suffix` (each row's lookup position to its end: under causal attention the only positions a
+    step changes) and `suffix_padded` (rows x longest suffix, as suffix-only steps run)."""
+    counts = {"padded": 0, "real": 0, "suffix": 0, "suffix_padded": 0}
     for chunk in _micro_batches(model, normalize_requests(requests), hparams, context_templates, batch_size):
         batch = _prepare(tok, chunk, context_templates, hparams.fact_token, "cpu")
         lengths = batch.attention_mask.sum(1)
+        suffixes = lengths - batch.positions
         counts["padded"] += batch.input_ids.numel()
         counts["real"] += int(lengths.sum())
-        counts["suffix"] += int((lengths - batch.positions).sum())
+        counts["suffix"] += int(suffixes.sum())
+        counts["suffix_padded"] += len(suffixes) * int(suffixes.max())
     return counts
 
 

@@ -28,13 +28,15 @@ def test_cli_bench_writes_results(tmp_path, capsys):
     import json
 
     assert main(["bench", "--shape", "a-gpt2-6x128", "--edits", "2", "--repeats", "1", "--solve",
-                 "--solve-dk", "96", "--solve-edits", "8", "--out", str(tmp_path)]) == 0
+                 "--solve-dk", "96", "--solve-edits", "8", "--paths", "reference,fast,fast-whole-rows",
+                 "--out", str(tmp_path)]) == 0
     edit = json.loads((tmp_path / "edit-a-gpt2-6x128-2-cpu.json").read_text())
-    assert set(edit["paths"]) == {"reference", "fast"} and edit["speedup"]["total"] > 0
+    assert set(edit["paths"]) == {"reference", "fast", "fast-whole-rows"} and edit["speedup"]["total"] > 0
+    assert set(edit["suffix_only_speedup"]) == {"z", "total"}
     assert {"z", "keys", "solve", "cache update", "total", "edits_per_s"} <= set(edit["paths"]["fast"])
     assert "torch" in edit["machine"] and "date" in edit["machine"]
     tokens = edit["z_step_tokens"]
-    assert 0 < tokens["suffix"] < tokens["real"] <= tokens["padded"]
+    assert 0 < tokens["suffix"] <= tokens["suffix_padded"] < tokens["real"] <= tokens["padded"]
     for path in ("reference", "fast"):
         peaks = edit["peak_memory_bytes"][path]
         assert set(peaks) == {"z", "keys", "solve", "cache update"} and min(peaks.values()) > 0
