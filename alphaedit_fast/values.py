@@ -266,7 +266,7 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def target_log_probs(hidden, ids):
-        log_probs = torch.log_softmax(ln_f(hidden) @ lm_w + lm_b, dim=-1)
+        log_probs = torch.log_softmax(ln_f(hidden).to(lm_w.device) @ lm_w + lm_b, dim=-1)  # norm, head: 2 devices
         return log_probs.gather(1, ids.unsqueeze(1).to(log_probs.device)).squeeze(1).float()
 
     # Rows split at their lookup position: delta reaches only the suffix; a target token read
@@ -337,7 +337,7 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
             # KL at each request's "{} is a" lookup position, on the model's own logits.
             kl_rows = batch.kl_rows[active]
             last = h_last[local_row[kl_rows].to(h_last.device), delta_at[kl_rows].to(h_last.device)]
-            logits = lm_head(ln_f(last)).float()
+            logits = lm_head(ln_f(last).to(lm_w.device)).float()
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
             kl_log_probs = F.log_softmax(logits, dim=-1).to(dev)

@@ -2,7 +2,8 @@
 # GPU checks for a lent device machine (its image has torch, transformers, triton, pytest and
 # nvcc; nothing can be installed there): the CUDA build of _C, the GPU tests, the editing
 # benchmark on a random Llama-3-8B-shaped bf16 model with 100 edits, the solve at d_k = 14336
-# the hot ops' GB/s and key-statistics tokens/s. Writes under $OUT (default gpu-out).
+# the hot ops' GB/s and key-statistics tokens/s; the GPU tests include a model split between
+# cuda:0 and the CPU with accelerate's hooks (tests/test_gpu.py, when accelerate is there). Writes under $OUT (default gpu-out).
 # Sized to finish in under 10 minutes on one H200:  OUT=... bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 timeout 240 python3 setup.py build_ext --inplace > "$OUT/build-ext.txt" 2>&1 || echo "extension build failed" \
     | tee -a "$OUT/build-ext.txt"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_ext.py tests/test_ops.py \
-    tests/test_kernels_triton.py tests/test_values.py tests/test_editor.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
+    tests/test_kernels_triton.py tests/test_values.py tests/test_editor.py tests/test_suffix.py tests/test_device_map.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
 timeout 330 python3 -m alphaedit_fast.cli bench --shape llama3-8b --edits 100 --repeats 1 --paths fast \
     --device cuda --dtype bfloat16 --solve --solve-dk 14336 --solve-edits 100 --out "$OUT" 2>&1 | tee "$OUT/bench-llama3-8b.txt"
 timeout 90 python3 -m alphaedit_fast.cli bench --shape b-gpt2-small --edits 32 --repeats 1 --device cuda \
