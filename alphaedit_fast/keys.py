@@ -131,6 +131,8 @@ class KeyPasses:
         module_names = [hparams.rewrite_module_tmp.format(layer) for layer in layers]
         z_block = hparams.layer_module_tmp.format(hparams.layers[-1]) if with_z_output else None
         resume = resume_at if resume_at and resume_at in self.block_inputs and self.as_tuple is not None else None
+        # a block the pass skips keeps the input it had (its stand-in would see another block's)
+        keep_inputs_of = [b for b in keep_inputs_of if resume is None or b >= resume]
         kept: dict[str, list[torch.Tensor]] = {hparams.layer_module_tmp.format(b): [] for b in keep_inputs_of}
         keys: dict[str, torch.Tensor] = {}
         outputs: list[torch.Tensor] = []

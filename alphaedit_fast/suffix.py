@@ -93,16 +93,20 @@ def forward_with_kv(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
 def gather_prefix(kv: list[KV], split: SplitRows, first_needed: int) -> list[KV]:
     """The left-padded prefix keys/values of every block: (rows, kv_heads, P, head_dim).
 
-    Blocks before `first_needed` never run in a step; they get zero-size stand-ins that only
-    carry the prefix length, which is what the model reads off a cache's first layer."""
+    Blocks before `first_needed` never run in a step; they get (rows, 1, P, 1) stand-ins that
+    only carry the prefix length, which is what the model reads off a cache's first layer."""
+
+    def gather(states: torch.Tensor) -> torch.Tensor:
+        at = split.prefix_index.to(states.device)[:, None, :, None]
+        return states.gather(2, at.expand(-1, states.shape[1], -1, states.shape[3]))
+
     out = []
     for index, (keys, values) in enumerate(kv):
         if index < first_needed:
             dummy = keys.new_zeros(keys.shape[0], 1, split.prefix_index.shape[1], 1)
             out.append((dummy, dummy))
-            continue
-        at = split.prefix_index.to(keys.device)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
-        out.append((keys.gather(2, at), values.gather(2, at.expand(-1, -1, -1, values.shape[3]))))
+        else:
+            out.append((gather(keys), gather(values)))
     return out
 
 

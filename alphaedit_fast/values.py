@@ -276,7 +276,7 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
     live = batch.target_positions >= split_at[batch.target_rows]
     first = _first_pass(model, hparams, layer, loss_layer, batch, batch.target_rows[~live],
                         batch.target_positions[~live], suffix_only, key_module, key_rows)
-    cached, as_tuple, fixed_hidden, kv = first["cached"], first["tuple"], first.get("fixed"), first.get("kv")
+    cached, as_tuple, fixed_hidden, kv = first["cached"], first["tuple"], first.get("fixed"), first.pop("kv", None)
     dev = cached.device
     batch = _Batch(*[t.to(dev) for t in vars(batch).values()])
     split, split_at, live = SplitRows(*[t.to(dev) for t in vars(split).values()]), split_at.to(dev), live.to(dev)
@@ -286,6 +286,7 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
     suffix_ids = batch.input_ids.gather(1, split.suffix_index)
     delta_at = batch.positions - split_at  # suffix coordinate of each row's lookup position
     prefix_kv = gather_prefix(kv, split, first_needed=layer + 1) if kv and split.prefix_mask.shape[1] else None
+    del kv  # whole rows, every block: only the prefixes of the blocks after the z layer are kept
     fixed_nll = torch.zeros(n, device=dev)
     if fixed_hidden is not None and fixed_hidden.shape[0]:
         fixed = ~live

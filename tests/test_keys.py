@@ -95,3 +95,29 @@ def test_an_edit_runs_block_0_twice(family):
     apply_AlphaEdit_to_model(model, tok, REQUESTS, hparams, P=identity_projector(hparams),
                              context_templates=CONTEXT_TEMPLATES)
     assert calls[0] == 2
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_four_edited_layers_match_the_reference(family):
+    """Later key passes and the cache update restart at edited blocks: updates and cache as the
+    reference's, with four edited layers of six (so passes restart past a block whose input
+    they must not overwrite)."""
+    import copy
+
+    from alphaedit_fast.reference import apply_alphaedit_ref
+
+    from .conftest import edit_rtol
+    from .test_engine import random_projector, rewrite_weights
+
+    blocks = {"gpt2": dict(n_layer=6), "llama": dict(num_hidden_layers=6)}[family]
+    model, tok = tiny_model(family, **blocks), tiny_tokenizer_for(family)
+    hparams = test_hparams(model, L2=10.0, layers=[1, 2, 3, 4])
+    P, cache = random_projector(hparams), 0.01 * torch.eye(160).repeat(4, 1, 1)
+    ref_model, before = copy.deepcopy(model), [w.clone() for w in rewrite_weights(model, hparams)]
+    _, new_cache = apply_AlphaEdit_to_model(model, tok, REQUESTS, hparams, cache_c=cache, P=P,
+                                            context_templates=CONTEXT_TEMPLATES)
+    updates, ref_cache = apply_alphaedit_ref(ref_model, tok, REQUESTS, hparams, CONTEXT_TEMPLATES, P, cache)
+    rtol = edit_rtol(model, tok, REQUESTS, hparams)
+    for w0, w, layer in zip(before, rewrite_weights(model, hparams), hparams.layers):
+        assert_close_rel(w - w0, updates[layer], rtol, what=f"update of layer {layer}")
+    assert_close_rel(new_cache, ref_cache, rtol, what="cache")
