@@ -265,8 +265,11 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
     lm_b = lm_head.bias if getattr(lm_head, "bias", None) is not None else lm_w.new_zeros(lm_w.shape[1])
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
-    def target_log_probs(hidden, ids):
-        log_probs = torch.log_softmax(ln_f(hidden).to(lm_w.device) @ lm_w + lm_b, dim=-1)  # norm, head: 2 devices
+    def head(hidden):  # (tokens, d) -> logits (tokens, vocab) in the model dtype; norm and head may sit apart
+        return ln_f(hidden.to(lm_w.device)).to(lm_w.device) @ lm_w + lm_b
+
+    def target_log_probs(logits, ids):  # log_softmax in the model dtype, as the original
+        log_probs = torch.log_softmax(logits, dim=-1)
         return log_probs.gather(1, ids.unsqueeze(1).to(log_probs.device)).squeeze(1).float()
 
     # Rows split at their lookup position: delta reaches only the suffix; a target token read
@@ -291,7 +294,7 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
     if fixed_hidden is not None and fixed_hidden.shape[0]:
         fixed = ~live
         with torch.no_grad():
-            log_probs = target_log_probs(fixed_hidden, batch.target_ids[fixed]).to(dev)
+            log_probs = target_log_probs(head(fixed_hidden), batch.target_ids[fixed]).to(dev)
         fixed_terms = -(log_probs * batch.target_weights[fixed])
         fixed_nll.index_add_(0, batch.row_request[batch.target_rows[fixed]], fixed_terms)
     t_rows, t_ids, t_weights = batch.target_rows[live], batch.target_ids[live], batch.target_weights[live]
@@ -328,17 +331,19 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
         with torch.enable_grad():
             h_loss, h_last = _run_blocks_after(model, hparams, layer, loss_layer, suffix_ids[rows].to(device),
                                                step_split.attention_mask.to(device), replay, as_tuple, **model_kwargs)
-            # Rewriting loss: read at the loss layer through the final norm and LM head (as the original).
+            # Rewriting loss: read at the loss layer through the final norm and LM head (as the
+            # original); KL at each request's "{} is a" lookup position, on the model's own
+            # logits. One LM-head product serves both.
             tokens = local_row[t_rows] >= 0
             token_rows = local_row[t_rows[tokens]]
             hidden = h_loss[token_rows.to(h_loss.device), t_at[tokens].to(h_loss.device)]
-            weighted = -(target_log_probs(hidden, t_ids[tokens]).to(dev) * t_weights[tokens])
-            nll = fixed_nll[active].index_add(0, row_request[token_rows], weighted)
-
-            # KL at each request's "{} is a" lookup position, on the model's own logits.
             kl_rows = batch.kl_rows[active]
             last = h_last[local_row[kl_rows].to(h_last.device), delta_at[kl_rows].to(h_last.device)]
-            logits = lm_head(ln_f(last).to(lm_w.device)).float()
+            all_logits = head(torch.cat([hidden.to(lm_w.device), last.to(lm_w.device)]))
+            weighted = -(target_log_probs(all_logits[: len(hidden)], t_ids[tokens]).to(dev) * t_weights[tokens])
+            nll = fixed_nll[active].index_add(0, row_request[token_rows], weighted)
+
+            logits = all_logits[len(hidden) :].float()
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
             kl_log_probs = F.log_softmax(logits, dim=-1).to(dev)
