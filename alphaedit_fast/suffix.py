@@ -90,20 +90,22 @@ def forward_with_kv(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     return list(zip(cache.key_cache, cache.value_cache))
 
 
-def gather_prefix(kv: list[KV], split: SplitRows, first_needed: int) -> list[KV]:
-    """The left-padded prefix keys/values of every block: (rows, kv_heads, P, head_dim).
+def gather_prefix(kv: list[KV], split: SplitRows, first_needed: int, rows: torch.Tensor) -> list[KV]:
+    """The left-padded prefix keys/values of `rows` (the rows `split` describes) in every block:
+    (len(rows), kv_heads, P, head_dim), from whole-row keys/values (batch, kv_heads, seq, head_dim).
 
     Blocks before `first_needed` never run in a step; they get (rows, 1, P, 1) stand-ins that
     only carry the prefix length, which is what the model reads off a cache's first layer."""
 
     def gather(states: torch.Tensor) -> torch.Tensor:
+        states = states[rows.to(states.device)]
         at = split.prefix_index.to(states.device)[:, None, :, None]
         return states.gather(2, at.expand(-1, states.shape[1], -1, states.shape[3]))
 
     out = []
     for index, (keys, values) in enumerate(kv):
         if index < first_needed:
-            dummy = keys.new_zeros(keys.shape[0], 1, split.prefix_index.shape[1], 1)
+            dummy = keys.new_zeros(len(rows), 1, split.prefix_index.shape[1], 1)
             out.append((dummy, dummy))
         else:
             out.append((gather(keys), gather(values)))
@@ -127,3 +129,31 @@ def step_cache(model: torch.nn.Module, prefix: list[KV]):
         cache.update(keys, values, index)
     return cache
 
+
+
+def group_by_suffix_length(suffix_lengths: list[int], cost_per_forward: int) -> list[list[int]]:
+    """Rows (indices into `suffix_lengths`) grouped so that one step's padded token slots
+    (rows x longest suffix, per group) plus `cost_per_forward` slots per group is least.
+
+    Exact: the best grouping takes contiguous runs of the distinct lengths in sorted order, found
+    by dynamic programming over them (a few dozen values, whatever the number of rows).
+    """
+    lengths = sorted(set(suffix_lengths))
+    count = {length: 0 for length in lengths}
+    for length in suffix_lengths:
+        count[length] += 1
+    # best[j]: least cost of the rows with the j shortest distinct lengths; cut[j]: where its last group starts
+    best, cut = [0] + [None] * len(lengths), [0] * (len(lengths) + 1)
+    for j in range(1, len(lengths) + 1):
+        rows = 0
+        for i in range(j, 0, -1):
+            rows += count[lengths[i - 1]]
+            cost = best[i - 1] + rows * lengths[j - 1] + cost_per_forward
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    groups, j = [], len(lengths)
+    while j > 0:
+        members = set(lengths[cut[j] : j])
+        groups.append([row for row, length in enumerate(suffix_lengths) if length in members])
+        j = cut[j]
+    return groups[::-1]

@@ -23,7 +23,16 @@ from .ops import add_at_positions
 from .positions import absolute_positions, encode_batch, lookup_positions
 from .reference import compute_z_ref
 from .requests import normalize_requests, target_token_ids, z_templates
-from .suffix import SplitRows, cache_keyword, forward_with_kv, gather_prefix, select_rows, split_rows, step_cache
+from .suffix import (
+    SplitRows,
+    cache_keyword,
+    forward_with_kv,
+    gather_prefix,
+    group_by_suffix_length,
+    select_rows,
+    split_rows,
+    step_cache,
+)
 from .trace import StopForward, hidden_of, hooks, read_modules, replayed_blocks, run_model
 from .validation import check_context_templates, check_options, check_requests_for_model
 
@@ -243,6 +252,70 @@ def _first_pass(model, hparams: AlphaEditHyperParams, layer: int, loss_layer: in
     return seen
 
 
+# A forward's fixed cost in token slots, for grouping rows by suffix length: on a CPU a step
+# is compute-bound (a few dozen slots cost what a forward's hooks, masks and cache do); on a
+# GPU small forwards are latency-bound, so rows split only when that saves many slots.
+FORWARD_COST_TOKENS = {"cpu": 32, "cuda": 2048}
+
+
+@dataclass
+class _RowGroup:
+    """Rows of a micro-batch whose steps run in one forward: their split, replayed inputs and
+    cached prefix keys/values."""
+
+    rows: torch.Tensor  # (g,) rows of the batch
+    split: SplitRows  # of these rows, (g, P) and (g, S)
+    hidden: torch.Tensor  # (g, S, d) block L's output at the suffix slots, replayed (plus delta) every step
+    input_ids: torch.Tensor  # (g, S) the suffix tokens (the embeddings they give are not used)
+    prefix_kv: list | None  # per block (g, kv_heads, P, head_dim) keys and values, or None
+    selected: tuple = (None, None)  # (kept rows, their prefix keys/values), re-gathered when requests finish
+
+    def run(self, model, hparams, layer: int, loss_layer: int, as_tuple: bool, local_request, row_request,
+            delta_at, delta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The active rows' forward: (their batch rows, loss layer output (r, S, d), last block
+        output (r, S, d)), or None when none of them is active."""
+        keep = (local_request[row_request[self.rows]] >= 0).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            return None
+        rows, split = self.rows[keep], self.split.select(keep)
+        device = model.get_input_embeddings().weight.device
+        kwargs = {"position_ids": split.suffix_index.to(device)}
+        if self.prefix_kv is not None:
+            if self.selected[0] is None or not torch.equal(self.selected[0], keep):
+                self.selected = (keep, select_rows(self.prefix_kv, keep))
+            kwargs[cache_keyword(model)] = step_cache(model, self.selected[1])
+
+        def replay(hidden=self.hidden[keep], at=delta_at[rows], requests=local_request[row_request[rows]]):
+            return add_at_positions(hidden, at, requests, delta)
+
+        h_loss, h_last = _run_blocks_after(model, hparams, layer, loss_layer, self.input_ids[keep].to(device),
+                                           split.attention_mask.to(device), replay, as_tuple, **kwargs)
+        return rows, h_loss, h_last
+
+
+def _row_groups(batch: _Batch, split_at: torch.Tensor, cached: torch.Tensor, kv, layer: int,
+                suffix_only: bool) -> list[_RowGroup]:
+    """The rows split at `split_at` and grouped by suffix length (`group_by_suffix_length`),
+    each group with its replayed inputs and, from `kv` (every block's whole-row keys/values), its
+    prefixes' keys/values of the blocks after `layer`."""
+    lengths = batch.attention_mask.sum(1) - split_at
+    if suffix_only:
+        cost = FORWARD_COST_TOKENS.get(cached.device.type, FORWARD_COST_TOKENS["cuda"])
+        members = group_by_suffix_length(lengths.tolist(), cost)
+    else:
+        members = [list(range(len(lengths)))]
+    groups = []
+    for indices in members:
+        rows = torch.tensor(indices, device=cached.device)
+        split = split_rows(batch.attention_mask[rows], split_at[rows])
+        hidden = cached[rows].gather(1, split.suffix_index[..., None].expand(-1, -1, cached.shape[-1]))
+        prefix_kv = None
+        if kv and split.prefix_mask.shape[1]:
+            prefix_kv = gather_prefix(kv, split, first_needed=layer + 1, rows=rows)
+        groups.append(_RowGroup(rows, split, hidden, batch.input_ids[rows].gather(1, split.suffix_index), prefix_kv))
+    return groups
+
+
 def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, context_templates,
               suffix_only: bool = True, key_layer: int | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -275,20 +348,17 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
     # Rows split at their lookup position: delta reaches only the suffix; a target token read
     # before it ("fixed", possible with fact_token="last") has a constant log-prob.
     split_at = batch.positions if suffix_only else torch.zeros_like(batch.positions)
-    split = split_rows(batch.attention_mask, split_at)
     live = batch.target_positions >= split_at[batch.target_rows]
     first = _first_pass(model, hparams, layer, loss_layer, batch, batch.target_rows[~live],
                         batch.target_positions[~live], suffix_only, key_module, key_rows)
     cached, as_tuple, fixed_hidden, kv = first["cached"], first["tuple"], first.get("fixed"), first.pop("kv", None)
     dev = cached.device
     batch = _Batch(*[t.to(dev) for t in vars(batch).values()])
-    split, split_at, live = SplitRows(*[t.to(dev) for t in vars(split).values()]), split_at.to(dev), live.to(dev)
+    split_at, live = split_at.to(dev), live.to(dev)
     h0 = cached[batch.first_rows, batch.positions[batch.first_rows]]
     h0_norm = h0.norm(dim=-1).float()
-    suffix_hidden = cached.gather(1, split.suffix_index[..., None].expand(-1, -1, cached.shape[-1]))
-    suffix_ids = batch.input_ids.gather(1, split.suffix_index)
     delta_at = batch.positions - split_at  # suffix coordinate of each row's lookup position
-    prefix_kv = gather_prefix(kv, split, first_needed=layer + 1) if kv and split.prefix_mask.shape[1] else None
+    groups = _row_groups(batch, split_at, cached, kv, layer, suffix_only)
     del kv  # whole rows, every block: only the prefixes of the blocks after the z layer are kept
     fixed_nll = torch.zeros(n, device=dev)
     if fixed_hidden is not None and fixed_hidden.shape[0]:
@@ -305,7 +375,6 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
     exp_avg, exp_avg_sq = torch.zeros_like(delta), torch.zeros_like(delta)
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     kl_init = None
-    rows_kv = (None, None)  # (rows, their prefix keys/values): re-gathered only when requests finish
 
     for step in range(hparams.v_num_grad_steps):
         active = (~done).nonzero().squeeze(1)  # requests still optimising; only their rows run
@@ -313,24 +382,19 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
             break
         local_request = torch.full((n,), -1, dtype=torch.long, device=dev)
         local_request[active] = torch.arange(active.numel(), device=dev)
-        rows = all_rows[local_request[batch.row_request] >= 0]
-        local_row = torch.full_like(all_rows, -1)
-        local_row[rows] = torch.arange(rows.numel(), device=dev)
-        row_request = local_request[batch.row_request[rows]]
-        step_split = split.select(rows)
-        model_kwargs = {"position_ids": step_split.suffix_index.to(device)}
-        if prefix_kv is not None:
-            if rows_kv[0] is None or not torch.equal(rows_kv[0], rows):
-                rows_kv = (rows, select_rows(prefix_kv, rows))
-            model_kwargs[cache_keyword(model)] = step_cache(model, rows_kv[1])
         active_delta = delta[active].clone().requires_grad_(True)
 
-        def replay(hidden=suffix_hidden[rows], at=delta_at[rows], row_request=row_request, d=active_delta):
-            return add_at_positions(hidden, at, row_request, d)
-
         with torch.enable_grad():
-            h_loss, h_last = _run_blocks_after(model, hparams, layer, loss_layer, suffix_ids[rows].to(device),
-                                               step_split.attention_mask.to(device), replay, as_tuple, **model_kwargs)
+            outputs = [group.run(model, hparams, layer, loss_layer, as_tuple, local_request, batch.row_request,
+                                 delta_at, active_delta) for group in groups]
+            outputs = [out for out in outputs if out is not None]
+            rows = torch.cat([group_rows for group_rows, _, _ in outputs])  # the order of h_loss, h_last
+            width = max(h.shape[1] for _, h, _ in outputs)
+            h_loss, h_last = (torch.cat([F.pad(out[i], (0, 0, 0, width - out[i].shape[1])) for out in outputs])
+                              for i in (1, 2))
+            local_row = torch.full_like(all_rows, -1)
+            local_row[rows] = torch.arange(rows.numel(), device=dev)
+            row_request = local_request[batch.row_request[rows]]
             # Rewriting loss: read at the loss layer through the final norm and LM head (as the
             # original); KL at each request's "{} is a" lookup position, on the model's own
             # logits. One LM-head product serves both.

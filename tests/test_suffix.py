@@ -12,7 +12,7 @@ import transformers
 
 import alphaedit_fast.values as values
 from alphaedit_fast.requests import normalize_requests
-from alphaedit_fast.suffix import split_rows
+from alphaedit_fast.suffix import group_by_suffix_length, split_rows
 from alphaedit_fast.tiny import FAMILY_CONFIGS, tiny_model, tiny_tokenizer_for
 
 from .conftest import CONTEXT_TEMPLATES, REQUESTS, assert_close_rel, test_hparams, z_rtol
@@ -54,13 +54,47 @@ def test_suffix_steps_match_whole_rows(family, fact_token, monkeypatch):
     model, tok = tiny_model(family), tiny_tokenizer_for(family)
     hparams = test_hparams(model, fact_token=fact_token)
     assert values.supports_suffix_steps(model)
+    monkeypatch.setitem(values.FORWARD_COST_TOKENS, "cpu", 10**6)  # one group: its width is the longest suffix
     whole, whole_widths = _zs_and_step_widths(model, tok, MORE_REQUESTS, hparams, False, monkeypatch)
     suffix, suffix_widths = _zs_and_step_widths(model, tok, MORE_REQUESTS, hparams, None, monkeypatch)
 
     batch = values._prepare(tok, normalize_requests(MORE_REQUESTS), CONTEXT_TEMPLATES, fact_token, "cpu")
-    longest_suffix = int((batch.attention_mask.sum(1) - batch.positions).max())
-    assert suffix_widths[0] == longest_suffix < whole_widths[0] == batch.input_ids.shape[1]
-    assert_close_rel(suffix, whole, z_rtol(model, hparams, whole.norm(dim=1).min().item()), dim=1, what="z")
+    suffixes = batch.attention_mask.sum(1) - batch.positions
+    assert suffix_widths[0] == int(suffixes.max()) < whole_widths[0] == batch.input_ids.shape[1]
+    rtol = z_rtol(model, hparams, whole.norm(dim=1).min().item())
+    assert_close_rel(suffix, whole, rtol, dim=1, what="z")
+
+    monkeypatch.setitem(values.FORWARD_COST_TOKENS, "cpu", 0)  # a group per suffix length
+    grouped, grouped_widths = _zs_and_step_widths(model, tok, MORE_REQUESTS, hparams, None, monkeypatch)
+    distinct = sorted(set(suffixes.tolist()))
+    assert grouped_widths[: len(distinct)] == distinct  # the first step: one forward per group
+    assert len(distinct) > 1 or fact_token == "last"  # "last": every suffix is the lookup token alone
+    assert_close_rel(grouped, whole, rtol, dim=1, what="z")
+
+
+def _padded_cost(groups, lengths, cost):
+    return sum(len(g) * max(lengths[i] for i in g) + cost for g in groups)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_grouping_by_suffix_length_is_optimal(seed):
+    """Against every split of the sorted distinct lengths into contiguous runs."""
+    import itertools
+    import random
+
+    rng = random.Random(seed)
+    lengths = [rng.choice([1, 2, 3, 5, 8, 9]) for _ in range(rng.randint(1, 40))]
+    cost = rng.choice([0, 4, 32, 1000])
+    groups = group_by_suffix_length(lengths, cost)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # a partition
+    distinct = sorted(set(lengths))
+    best = min(
+        _padded_cost([[i for i, n in enumerate(lengths) if lo <= n <= hi] for lo, hi in zip(
+            [distinct[0]] + [distinct[c] for c in cuts], [distinct[c - 1] for c in cuts] + [distinct[-1]])],
+            lengths, cost)
+        for k in range(len(distinct))
+        for cuts in itertools.combinations(range(1, len(distinct)), k))
+    assert _padded_cost(groups, lengths, cost) == best
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma2", "phi3"])
