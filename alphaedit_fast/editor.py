@@ -202,7 +202,8 @@ def apply_AlphaEdit_to_model(  # noqa: N802 - the original's name
     (P=None: no null-space constraint; cache_c=None: zeros); P must be a symmetric idempotent
     projector U0 U0^T, as the original's always is. `solver="auto"` solves as the original on the
     first call with a P tensor and in the null space from the second (P's factors are cached per
-    tensor, see `factored_projector`); `solver="dense"` always uses the original's dense form. Neither they nor
+    tensor, see `factored_projector`; a zero cache_c then needs only an n x n solve,
+    `solve.zero_cache_update`); `solver="dense"` always uses the original's dense form. Neither they nor
     `requests` are modified: the new cache is returned. Everything is validated before the first
     weight changes, and if anything fails part-way every weight is restored. `options`:
     z_batch_size, progress, timings (see `run_edit`). For many sequential batches use
@@ -229,7 +230,7 @@ def apply_AlphaEdit_to_model(  # noqa: N802 - the original's name
     bases = None
     if solver == "auto" and constrained:
         bases = factored_projector(P, [m.weight.device for m in modules])
-    layer_solver = (DenseSolver(P, cache_c, hparams.L2) if bases is None
+    layer_solver = (DenseSolver(P, cache_c, hparams.L2, original_form=solver == "dense") if bases is None
                     else FactoredDenseSolver(bases, P, cache_c, hparams.L2))
     run_edit(model, tok, requests, hparams, context_templates, layer_solver, cache_template=cache_template,
              **options)

@@ -28,6 +28,20 @@ def dense_update(P: torch.Tensor, keys: torch.Tensor, cache: torch.Tensor, resid
     return torch.linalg.solve(P @ (keys @ keys.T + cache) + l2 * eye, P @ keys @ resid.T)
 
 
+def zero_cache_update(P: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, l2: float,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`dense_update` when C = 0, with n x n work instead of d_k x d_k: by the push-through
+    identity (P K K^T + l2 I)^-1 P K = P K (K^T P K + l2 I)^-1, exact for l2 > 0 (K^T P K is
+    positive semi-definite, P being an orthogonal projector).
+
+    P: (d_k, d_k); keys: (d_k, n); resid: (d_model, n) -> (d_k, d_model) in `dtype`.
+    """
+    P, keys, resid = (t.to(dtype) for t in (P, keys, resid))
+    projected = P @ keys
+    system = keys.T @ projected + l2 * torch.eye(keys.shape[1], dtype=dtype, device=keys.device)
+    return projected @ torch.linalg.solve(system, resid.T)
+
+
 def _cholesky(matrix: torch.Tensor, what: str) -> torch.Tensor:
     factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info) != 0:
@@ -77,14 +91,17 @@ def woodbury_absorb(inv_m: torch.Tensor, projected_keys: torch.Tensor) -> torch.
 
 class DenseSolver:
     """The original's solve on dense P and cache_c (len(layers), d_k, d_k); the cache update is
-    returned as a new tensor (`new_cache`), never written into the caller's."""
+    returned as a new tensor (`new_cache`), never written into the caller's. Unless
+    `original_form`, a layer whose cache is zero (a first batch) is solved by `zero_cache_update`."""
 
-    def __init__(self, P: torch.Tensor, cache_c: torch.Tensor, l2: float):
-        self.P, self.cache_c, self.l2 = P, cache_c, l2
+    def __init__(self, P: torch.Tensor, cache_c: torch.Tensor, l2: float, original_form: bool = True):
+        self.P, self.cache_c, self.l2, self.original_form = P, cache_c, l2, original_form
         self.new_cache: torch.Tensor | None = None
 
     def update(self, index: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         device = keys.device
+        if not self.original_form and self.l2 > 0 and not self.cache_c[index].any():
+            return zero_cache_update(self.P[index].to(device), keys, resid, self.l2)
         return dense_update(self.P[index].to(device), keys, self.cache_c[index].to(device), resid, self.l2)
 
     def absorb(self, keys_per_layer: list[torch.Tensor]) -> None:

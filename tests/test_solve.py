@@ -80,3 +80,35 @@ def test_solver_over_sequential_batches_matches_dense(method):
 def test_empty_null_space_gives_no_update():
     solver = ProjectedSolver([torch.zeros(16, 0)], l2=10.0)
     assert torch.equal(solver.update(0, torch.randn(16, 3), torch.randn(8, 3)), torch.zeros(16, 8))
+
+
+@pytest.mark.parametrize("n, r", [(7, 40), (60, 40), (1, 96), (30, 1)])
+@pytest.mark.parametrize("l2", [10.0, 1e-3])
+def test_zero_cache_form_agrees_with_dense_in_fp64(n, r, l2):
+    """The push-through form (n x n system) against the dense d_k x d_k one, C = 0."""
+    from alphaedit_fast.solve import zero_cache_update
+
+    basis, _, keys, resid = problem(n=n, r=r)
+    P, zero = basis @ basis.T, torch.zeros(basis.shape[0], basis.shape[0], dtype=torch.float64)
+    dense = dense_update(P, keys, zero, resid, l2, dtype=torch.float64)
+    pushed = zero_cache_update(P, keys, resid, l2, dtype=torch.float64)
+    dense_lhs = P @ keys @ keys.T + l2 * torch.eye(basis.shape[0], dtype=torch.float64)
+    rtol = tolerance(torch.float64, basis.shape[0])[0] * torch.linalg.cond(dense_lhs).item()
+    torch.testing.assert_close(pushed, dense, rtol=rtol, atol=rtol * dense.abs().max().item())
+
+
+def test_dense_solver_uses_the_zero_cache_form_only_when_asked_and_c_is_zero(monkeypatch):
+    from alphaedit_fast import solve
+
+    basis, cache, keys, resid = problem()
+    P = torch.stack([basis @ basis.T] * 2).float()
+    caches = torch.stack([torch.zeros_like(cache), cache]).float()
+    used = []
+    real = solve.zero_cache_update
+    monkeypatch.setattr(solve, "zero_cache_update", lambda *a, **k: used.append(1) or real(*a, **k))
+    for original_form, expected in ((True, 0), (False, 1)):
+        used.clear()
+        solver = solve.DenseSolver(P, caches, 10.0, original_form=original_form)
+        for index in range(2):
+            solver.update(index, keys.float(), resid.float())
+        assert len(used) == expected  # only the zero-cache layer, only when not asked for the original's form
