@@ -180,16 +180,20 @@ def z_step_tokens(model, tok, requests, hparams: AlphaEditHyperParams, context_t
     """Token slots the first z step pushes through the blocks after the z layer, summed over the
     micro-batches: `padded` (rows x longest row, as whole-row steps run), `real` (non-padding),
     `suffix` (each row's lookup position to its end: under causal attention the only positions a
-    step changes) and `suffix_padded` (rows x longest suffix, as suffix-only steps run)."""
+    step changes) and `suffix_padded` (rows x longest suffix in each group of rows, as suffix-only
+    steps run them on the model's device)."""
     counts = {"padded": 0, "real": 0, "suffix": 0, "suffix_padded": 0}
+    device = model.get_input_embeddings().weight.device.type
+    cost = FORWARD_COST_TOKENS.get(device, FORWARD_COST_TOKENS["cuda"])
     for chunk in _micro_batches(model, normalize_requests(requests), hparams, context_templates, batch_size):
         batch = _prepare(tok, chunk, context_templates, hparams.fact_token, "cpu")
         lengths = batch.attention_mask.sum(1)
-        suffixes = lengths - batch.positions
+        suffixes = (lengths - batch.positions).tolist()
         counts["padded"] += batch.input_ids.numel()
         counts["real"] += int(lengths.sum())
-        counts["suffix"] += int(suffixes.sum())
-        counts["suffix_padded"] += len(suffixes) * int(suffixes.max())
+        counts["suffix"] += sum(suffixes)
+        counts["suffix_padded"] += sum(len(group) * max(suffixes[row] for row in group)
+                                       for group in group_by_suffix_length(suffixes, cost))
     return counts
 
 

@@ -179,7 +179,8 @@ def test_z_step_token_counts(batch_size):
     """padded / real / suffix token slots of a z step, against a count prompt by prompt."""
     from alphaedit_fast.positions import lookup_positions
     from alphaedit_fast.requests import normalize_requests, target_token_ids
-    from alphaedit_fast.values import z_step_tokens
+    from alphaedit_fast.suffix import group_by_suffix_length
+    from alphaedit_fast.values import FORWARD_COST_TOKENS, z_step_tokens
 
     model, tok = tiny_model("llama"), tiny_tokenizer_for("llama")
     hparams = test_hparams(model)
@@ -197,6 +198,7 @@ def test_z_step_token_counts(batch_size):
         expected["padded"] += len(lengths) * max(lengths)
         expected["real"] += sum(lengths)
         expected["suffix"] += sum(suffixes)
-        expected["suffix_padded"] += len(suffixes) * max(suffixes)
+        groups = group_by_suffix_length(suffixes, FORWARD_COST_TOKENS["cpu"])
+        expected["suffix_padded"] += sum(len(g) * max(suffixes[i] for i in g) for g in groups)
     got = z_step_tokens(model, tok, MORE_REQUESTS, hparams, CONTEXT_TEMPLATES, batch_size=batch_size)
     assert got == expected and got["suffix"] <= got["suffix_padded"] < got["real"] < got["padded"]
