@@ -3,7 +3,8 @@
 The loss is a sum of independent per-request terms and Adam is element-wise, so optimising
 all requests together gives each the trajectory it would have alone. Blocks 0..L compute the
 same thing at every step (only delta, added to block L's output, changes): their output is
-computed once and replayed, and each step runs only the blocks after L.
+computed once and replayed, and each step runs only the blocks after L, and in them only each
+row's positions from its lookup position on (`suffix.py`), rows grouped by suffix length.
 """
 
 from __future__ import annotations
