@@ -92,7 +92,7 @@ class KeyPasses:
     """Key passes over one batch of requests' prompts, tokenised once (see `compute_keys`).
 
     Editing layer l changes nothing before block l, so a pass after that edit can restart from
-    block l's input as an earlier pass saw it (`keep_input_of`), instead of from the embeddings.
+    block l's input as an earlier pass saw it (`keep_inputs_of`), instead of from the embeddings.
     """
 
     def __init__(self, model, tok, requests, hparams: AlphaEditHyperParams, context_templates,
@@ -185,4 +185,3 @@ def _read_batch(model, input_ids, mask, positions, segment, weight, n: int, modu
         readers.setdefault(name, []).append(functools.partial(keep_input, name=name))
     read_modules(model, input_ids, mask, readers)
     return keys, outputs
-

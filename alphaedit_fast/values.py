@@ -184,8 +184,7 @@ def z_step_tokens(model, tok, requests, hparams: AlphaEditHyperParams, context_t
     step changes) and `suffix_padded` (rows x longest suffix in each group of rows, as suffix-only
     steps run them on the model's device)."""
     counts = {"padded": 0, "real": 0, "suffix": 0, "suffix_padded": 0}
-    device = model.get_input_embeddings().weight.device.type
-    cost = FORWARD_COST_TOKENS.get(device, FORWARD_COST_TOKENS["cuda"])
+    cost = forward_cost_tokens(model.get_input_embeddings().weight.device)
     for chunk in _micro_batches(model, normalize_requests(requests), hparams, context_templates, batch_size):
         batch = _prepare(tok, chunk, context_templates, hparams.fact_token, "cpu")
         lengths = batch.attention_mask.sum(1)
@@ -229,9 +228,9 @@ def _first_pass(model, hparams: AlphaEditHyperParams, layer: int, loss_layer: in
                 key_module: str | None = None, key_rows: torch.Tensor | None = None) -> dict:
     """The pass over whole rows before the steps. Returns {"cached": block `layer`'s output
     (rows, seq, d), "tuple": whether blocks return tuples, "fixed": the loss layer's output at
-    (fixed_rows, fixed_positions) (tokens, d), "keys": the input of `key_module` at the lookup
-    positions of `key_rows` (len(key_rows), d_k), "kv": every block's keys/values}, the last
-    three only when asked for (`with_kv`; else the pass stops at block `layer`)."""
+    (fixed_rows, fixed_positions) (tokens, d), "kv": every block's keys/values, "keys": the
+    input of `key_module` at the lookup positions of `key_rows` (len(key_rows), d_k)}. "fixed"
+    and "kv" only `with_kv` (else the pass stops at block `layer`), "keys" only with a key_module."""
     seen: dict = {}
     readers: dict[str, list] = defaultdict(list)
 
@@ -261,6 +260,11 @@ def _first_pass(model, hparams: AlphaEditHyperParams, layer: int, loss_layer: in
 # is compute-bound (a few dozen slots cost what a forward's hooks, masks and cache do); on a
 # GPU small forwards are latency-bound, so rows split only when that saves many slots.
 FORWARD_COST_TOKENS = {"cpu": 32, "cuda": 2048}
+
+
+def forward_cost_tokens(device: torch.device) -> int:
+    """`FORWARD_COST_TOKENS` of a device type (other accelerators count as GPUs)."""
+    return FORWARD_COST_TOKENS.get(device.type, FORWARD_COST_TOKENS["cuda"])
 
 
 @dataclass
@@ -305,8 +309,7 @@ def _row_groups(batch: _Batch, split_at: torch.Tensor, cached: torch.Tensor, kv,
     prefixes' keys/values of the blocks after `layer`."""
     lengths = batch.attention_mask.sum(1) - split_at
     if suffix_only:
-        cost = FORWARD_COST_TOKENS.get(cached.device.type, FORWARD_COST_TOKENS["cuda"])
-        members = group_by_suffix_length(lengths.tolist(), cost)
+        members = group_by_suffix_length(lengths.tolist(), forward_cost_tokens(cached.device))
     else:
         members = [list(range(len(lengths)))]
     groups = []
