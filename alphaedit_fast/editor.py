@@ -265,6 +265,10 @@ class AlphaEditor:
         devices = [m.weight.device for m in self.modules]
         bases = self._bases(projector, self.hparams.layers, d_k)
         bases = [u.to(device, solve_dtype) for u, device in zip(bases, devices)]
+        empty = [layer for layer, u in zip(self.hparams.layers, bases) if u.shape[1] == 0]
+        if empty:
+            warnings.warn(f"the null space of layer(s) {empty} is empty: edits there change nothing; raise the "
+                          "projector's threshold or check the statistics", stacklevel=2)
         cache_proj = None
         if cache_c is not None:
             cache_c = layer_stack(cache_c, n_layers, d_k, "cache_c", "zeros")
@@ -302,6 +306,41 @@ class AlphaEditor:
                  timings=timings, peak_bytes=peak_bytes)
         self.num_edits += len(requests)
         return timings
+
+    @classmethod
+    def from_pretrained(cls, model, hparams=None, projector=None, stats=None, context_templates=None, *,
+                        dtype=None, device=None, device_map=None, allow_foreign_projector: bool = False,
+                        **options) -> AlphaEditor:
+        """An editor for a model by local directory or hub id, with its tokenizer, hyper-parameters
+        (a preset name, file, dict, or None for the preset matching the model), projector (a file,
+        bases, dense P or "identity") or statistics (a file or the original's `.npz` directory) and
+        context templates (a JSON file or groups of strings). See `pretrained.load_for_editing`;
+        `options` go to `AlphaEditor`. The editor's `model` and `tok` are the loaded ones."""
+        from .pretrained import load_for_editing
+
+        parts = load_for_editing(model, hparams, projector, stats, context_templates, dtype=dtype, device=device,
+                                 device_map=device_map, allow_foreign_projector=allow_foreign_projector)
+        return cls(**parts, allow_foreign_projector=allow_foreign_projector, **options)
+
+    def edit_prompts(self, prompts, subject, target_new, ground_truth=None, rephrase_prompts=None,
+                     locality_prompts=None, locality_ground_truth=None, batch_size: int | None = None) -> list[dict]:
+        """Edit as EasyEdit's `BaseEditor.edit` is called, and measure before and after.
+
+        Arguments are lists with one entry per edit (a string is one edit); `prompts` hold the
+        subject itself (or `{}`), `rephrase_prompts` / `locality_prompts` may hold a string or a
+        list per edit, with `locality_ground_truth` their answers. Edits run in sequential
+        batches of `batch_size` (default: one batch). Returns per edit
+        `{"case_id", "requested_rewrite", "num_edits", "pre", "post"}`, where pre/post hold `rates`:
+        `efficacy` (token accuracy of target_new at the prompt), `paraphrase` (at the rephrase
+        prompts) and `neighborhood` (of the locality answers), and the per-prompt NLLs and token
+        flags (`evaluation.score_cases`).
+        """
+        from .evaluation import cases_from_lists, evaluate_edits
+
+        cases = cases_from_lists(prompts, subject, target_new, ground_truth, rephrase_prompts, locality_prompts,
+                                 locality_ground_truth)
+        _, records = evaluate_edits(self, cases, "easyedit", batch_size or len(cases), log=lambda _: None)
+        return records
 
     def dense_cache(self) -> torch.Tensor:
         """U Cp U^T per layer (len(layers), d_k, d_k) on the CPU: a cache_c for the original API

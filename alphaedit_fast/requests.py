@@ -131,6 +131,12 @@ def load_requests(path) -> list[dict[str, Any]]:
     Returns validated requests in the original's layout (extra keys kept). Any problem raises
     RequestFileError naming the file, and for JSONL the line (counted in the file, from 1).
     """
+    return [_request(record, index, where) for index, (where, record) in enumerate(read_records(path))]
+
+
+def read_records(path) -> list[tuple[str, Any]]:
+    """(where, record) for every record of a JSON list/object or JSONL file; `where` names the
+    file and the JSONL line (from 1) or the JSON record (from 0) for error messages."""
     from pathlib import Path
 
     path = Path(path)
@@ -152,7 +158,7 @@ def load_requests(path) -> list[dict[str, Any]]:
         records = [(f"{path}, record {i}", r) for i, r in enumerate(parsed if isinstance(parsed, list) else [parsed])]
     if not records:
         raise RequestFileError(f"{path} holds no requests")
-    return [_request(record, index, where) for index, (where, record) in enumerate(records)]
+    return records
 
 
 def _parse(text: str, path, line: int | None = None):

@@ -1,0 +1,408 @@
+"""Evaluation of edits on CounterFact, ZsRE and EasyEdit records with the original's metrics
+(`alphaedit-fast eval --requests FILE`, `AlphaEditor.edit_prompts`).
+
+A case (the original's record layout, whatever the file's schema):
+`{"case_id", "requested_rewrite": {"prompt", "subject", "target_new": {"str"}, ["target_true": {"str"}]},
+"paraphrase_prompts": [str], "neighborhood_prompts": [str] (CounterFact) or [{"prompt", "target"}]}`.
+
+Per prompt and target the score is the mean per-token NLL of " " + target after the prompt (the
+target's tokens appended to the prompt's, teacher forced) and, per target token, whether it is the
+argmax. Rates, as the original's `summarize.py` (a mean over each case's prompts, then over cases):
+
+- CounterFact: efficacy / paraphrase = share of rewrite / paraphrase prompts with
+  NLL(new) < NLL(true); neighborhood = share of neighbourhood prompts with NLL(true) < NLL(new);
+  margins are the mean of exp(-NLL(new)) - exp(-NLL(true)) (sign flipped for neighbourhood).
+- ZsRE and EasyEdit: token-level accuracy of the new answer at the rewrite (efficacy) and rephrase
+  (paraphrase) prompts and of the locality answer at the locality prompts (neighborhood).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import InvalidRequestError, RequestFileError
+from .positions import pad_right, pad_token_id
+from .requests import normalize_request, read_records, targets_token_ids
+
+SCHEMAS = ("counterfact", "zsre", "easyedit")
+SECTIONS = ("rewrite", "paraphrase", "neighborhood")
+RATES = ("efficacy", "paraphrase", "neighborhood")
+
+
+# -- reading cases ---------------------------------------------------------------------------
+def schema_of(record) -> str:
+    """Which schema a record is in: CounterFact (`requested_rewrite`), ZsRE in MEND's layout
+    (`src`, `loc`) or EasyEdit's flat one (`prompt`)."""
+    if isinstance(record, dict):
+        if "requested_rewrite" in record:
+            return "counterfact"
+        if "src" in record and "loc" in record:
+            return "zsre"
+        if "prompt" in record:
+            return "easyedit"
+    raise KeyError("requested_rewrite (CounterFact), src and loc (ZsRE), or prompt (EasyEdit)")
+
+
+def _template(text: str, subject: str) -> str:
+    """`text` with its last occurrence of `subject` replaced by `{}`."""
+    at = text.rfind(subject) if subject else -1
+    if at < 0:
+        raise ValueError(f"subject {subject!r} does not occur in {text!r}")
+    return text[:at] + "{}" + text[at + len(subject):]
+
+
+def _as_list(value) -> list:
+    return [] if value is None else [value] if isinstance(value, (str, dict)) else list(value)
+
+
+def _counterfact_case(record: dict, index: int, zsre_target: str) -> dict:
+    rewrite = record["requested_rewrite"]
+    case = {"case_id": record.get("case_id", index),
+            "requested_rewrite": {"prompt": rewrite["prompt"], "subject": rewrite["subject"],
+                                  "target_new": {"str": rewrite["target_new"]["str"]}},
+            "paraphrase_prompts": list(record.get("paraphrase_prompts", [])),
+            "neighborhood_prompts": list(record.get("neighborhood_prompts", []))}
+    if "target_true" in rewrite:
+        case["requested_rewrite"]["target_true"] = {"str": rewrite["target_true"]["str"]}
+    return case
+
+
+def _zsre_case(record: dict, index: int, zsre_target: str) -> dict:
+    """MEND's layout, read as the original's `MENDQADataset` (target: `answers[0]`, or `alt`)."""
+    subject = record["subject"]
+    target = record["answers"][0] if zsre_target == "answers" else record["alt"]
+    return {"case_id": record.get("case_id", index),
+            "requested_rewrite": {"prompt": _template(record["src"], subject), "subject": subject,
+                                  "target_new": {"str": target}},
+            "paraphrase_prompts": _as_list(record.get("rephrase")),
+            "neighborhood_prompts": [{"prompt": record["loc"] + "?", "target": record["loc_ans"]}]}
+
+
+def _easyedit_case(record: dict, index: int, zsre_target: str) -> dict:
+    subject, prompt = record["subject"], record["prompt"]
+    rewrite = {"prompt": prompt if "{}" in prompt else _template(prompt, subject), "subject": subject,
+               "target_new": {"str": record["target_new"]}}
+    if record.get("ground_truth") is not None:
+        rewrite["target_true"] = {"str": record["ground_truth"]}
+    localities = _as_list(record.get("locality_prompt"))
+    answers = _as_list(record.get("locality_ground_truth"))
+    if len(answers) != len(localities):
+        raise ValueError(f"{len(localities)} locality prompt(s) but {len(answers)} locality_ground_truth answer(s)")
+    return {"case_id": record.get("case_id", index), "requested_rewrite": rewrite,
+            "paraphrase_prompts": _as_list(record.get("rephrase_prompt")),
+            "neighborhood_prompts": [{"prompt": p, "target": a} for p, a in zip(localities, answers)]}
+
+
+READERS = {"counterfact": _counterfact_case, "zsre": _zsre_case, "easyedit": _easyedit_case}
+
+
+def load_cases(path, zsre_target: str = "answers") -> tuple[str, list[dict]]:
+    """(schema, cases) from a JSON/JSONL file of CounterFact, ZsRE (MEND layout: `src`, `subject`,
+    `answers`, `alt`, `rephrase`, `loc`, `loc_ans`) or EasyEdit flat records.
+
+    ZsRE's edit target is `answers[0]`, as in the original (`zsre_target="alt"`: MEND's and
+    EasyEdit's `alt`). Every case is checked as an edit request; a problem raises
+    RequestFileError naming the file and record.
+    """
+    if zsre_target not in ("answers", "alt"):
+        raise ValueError(f"zsre_target must be 'answers' or 'alt', got {zsre_target!r}")
+    schema, cases = None, []
+    for index, (where, record) in enumerate(read_records(path)):
+        try:
+            kind = schema_of(record)
+            if schema not in (None, kind):
+                raise RequestFileError(f"{where}: a {kind} record in a file of {schema} records")
+            schema = kind
+            case = READERS[kind](record, index, zsre_target)
+            normalize_request(edit_request(case), index)
+            _check_probes(case, kind)
+        except RequestFileError:
+            raise
+        except InvalidRequestError as err:
+            raise RequestFileError(f"{where}: {err}") from None
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as err:
+            raise RequestFileError(f"{where}: malformed record ({type(err).__name__}: {err}); expected "
+                                   "CounterFact, ZsRE (MEND layout) or EasyEdit records") from None
+        cases.append(case)
+    return schema, cases
+
+
+def _check_probes(case: dict, schema: str) -> None:
+    def text(value, what):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+
+    for prompt in case["paraphrase_prompts"]:
+        text(prompt, "a paraphrase prompt")
+    for probe in case["neighborhood_prompts"]:
+        if schema == "counterfact":
+            text(probe, "a neighborhood prompt")
+        else:
+            text(probe["prompt"], "a locality prompt")
+            text(probe["target"], "a locality answer")
+    if schema == "counterfact" and "target_true" not in case["requested_rewrite"]:
+        raise ValueError("a CounterFact record needs requested_rewrite.target_true")
+
+
+def cases_from_lists(prompts, subject, target_new, ground_truth=None, rephrase_prompts=None,
+                     locality_prompts=None, locality_ground_truth=None) -> list[dict]:
+    """Cases from EasyEdit's `BaseEditor.edit` arguments: one list entry per edit (a string is
+    one edit); rephrase and locality entries may be a string or a list per edit."""
+    def per_edit(value, name):
+        if value is None:
+            return [None] * len(prompts)
+        value = [value] if isinstance(value, str) else list(value)
+        if len(value) != len(prompts):
+            raise InvalidRequestError(f"{name} has {len(value)} entries for {len(prompts)} prompts")
+        return value
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise InvalidRequestError("no prompts given")
+    columns = {name: per_edit(value, name) for name, value in (
+        ("subject", subject), ("target_new", target_new), ("ground_truth", ground_truth),
+        ("rephrase_prompt", rephrase_prompts), ("locality_prompt", locality_prompts),
+        ("locality_ground_truth", locality_ground_truth))}
+    cases = []
+    for i, prompt in enumerate(prompts):
+        record = {"case_id": i, "prompt": prompt, **{k: v[i] for k, v in columns.items() if v[i] is not None}}
+        try:
+            case = _easyedit_case(record, i, "answers")
+            normalize_request(edit_request(case), i)
+            _check_probes(case, "easyedit")
+        except InvalidRequestError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise InvalidRequestError(f"edit {i}: {err}") from None
+        cases.append(case)
+    return cases
+
+
+def edit_request(case: dict) -> dict:
+    """The edit request of a case: `{"case_id", "prompt", "subject", "target_new", ["target_true"]}`."""
+    return {"case_id": case["case_id"], **case["requested_rewrite"]}
+
+
+# -- scoring ---------------------------------------------------------------------------------
+def _spaced(target: str) -> str:
+    return target if target.startswith(" ") else " " + target
+
+
+@torch.no_grad()
+def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], batch_tokens: int = 4096
+                  ) -> list[tuple[float, list[bool]]]:
+    """For each (prompt, target): the mean per-token NLL of `" " + target` after `prompt` and,
+    per target token, whether the model's argmax there is that token.
+
+    Rows are the prompt's tokens (with the tokenizer's BOS) followed by the target's (without);
+    they run sorted by length in right-padded batches of about `batch_tokens` slots, and the LM
+    head is applied only where a target token is predicted.
+    """
+    prefixes = tok(list(prompts))["input_ids"]
+    answers = targets_token_ids(tok, [_spaced(t) for t in targets])
+    order = sorted(range(len(prefixes)), key=lambda i: -(len(prefixes[i]) + len(answers[i])))
+    head, backbone = model.get_output_embeddings(), model.base_model
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    device = model.get_input_embeddings().weight.device
+    results: list[tuple[float, list[bool]] | None] = [None] * len(prefixes)
+    start = 0
+    while start < len(order):
+        width = len(prefixes[order[start]]) + len(answers[order[start]])
+        stop = min(len(order), start + max(1, batch_tokens // width))
+        rows = order[start:stop]
+        input_ids, mask = pad_right([prefixes[i] + answers[i] for i in rows], pad_token_id(tok), device)
+        hidden = backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        row_of = torch.cat([torch.full((len(answers[i]),), r) for r, i in enumerate(rows)])
+        at = torch.cat([torch.arange(len(answers[i])) + len(prefixes[i]) - 1 for i in rows])
+        logits = head(hidden[row_of.to(hidden.device), at.to(hidden.device)].to(head.weight.device)).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        wanted = torch.tensor([t for i in rows for t in answers[i]], device=logits.device)
+        nll = -logits.log_softmax(-1).gather(1, wanted[:, None])[:, 0].double().cpu()
+        hit = (logits.argmax(-1) == wanted).cpu()
+        offset = 0
+        for i in rows:
+            n = len(answers[i])
+            results[i] = (nll[offset:offset + n].mean().item(), hit[offset:offset + n].tolist())
+            offset += n
+        start = stop
+    return results
+
+
+def _probes(case: dict, schema: str) -> list[tuple[str, int, str, str, str]]:
+    """(section, prompt index, prompt, target key, target) of everything measured for one case;
+    the key is `target_new`, `target_true` or `locality` (a locality prompt's own answer)."""
+    rewrite = case["requested_rewrite"]
+    targets = [(k, rewrite[k]["str"]) for k in ("target_new", "target_true") if k in rewrite]
+    prompts = [("rewrite", [rewrite["prompt"].format(rewrite["subject"])]), ("paraphrase", case["paraphrase_prompts"])]
+    if schema == "counterfact":
+        prompts.append(("neighborhood", case["neighborhood_prompts"]))
+    out = [(section, j, p, k, t) for section, ps in prompts for j, p in enumerate(ps) for k, t in targets]
+    if schema != "counterfact":
+        out += [("neighborhood", j, p["prompt"], "locality", p["target"])
+                for j, p in enumerate(case["neighborhood_prompts"])]
+    return out
+
+
+def score_cases(model, tok, cases: Sequence[dict], schema: str, batch_tokens: int = 4096) -> list[dict]:
+    """Per case, the original's layout: `{section}_prompts_probs` (a list per prompt of
+    `{"target_new": nll, "target_true": nll}`; a locality prompt has only `target_true`, its
+    answer) and `{section}_prompts_correct` (CounterFact: per prompt, whether every token of the
+    right target is the argmax; ZsRE/EasyEdit: per answer token, flattened over the prompts)."""
+    probes = [(c, *probe) for c, case in enumerate(cases) for probe in _probes(case, schema)]
+    scores = score_targets(model, tok, [p[3] for p in probes], [p[5] for p in probes], batch_tokens)
+    out = [{f"{s}_prompts_{kind}": [] for kind in ("probs", "correct") for s in SECTIONS} for _ in cases]
+    for (c, section, j, _, key, _), (nll, hits) in zip(probes, scores):
+        probs = out[c][f"{section}_prompts_probs"]
+        if j == len(probs):
+            probs.append({})
+        probs[j]["target_true" if key == "locality" else key] = nll
+        correct = out[c][f"{section}_prompts_correct"]
+        if schema == "counterfact":
+            if key == ("target_true" if section == "neighborhood" else "target_new"):
+                correct.append(all(hits))
+        elif key != "target_true":  # the new answer (rewrite, paraphrase) or the locality answer
+            correct.extend(hits)
+    return out
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def summarize(results: Sequence[dict], schema: str) -> dict:
+    """`{"rates": {efficacy, paraphrase, neighborhood}, "margins": {...}, "accuracy": {...}}`:
+    means over each case's prompts, then over the cases that have such prompts (None if none)."""
+    rates, margins, accuracy = {}, {}, {}
+    for rate, section in zip(RATES, SECTIONS):
+        key = f"{section}_prompts_probs"
+        accuracy[rate] = _mean(_mean(r[f"{section}_prompts_correct"]) for r in results
+                               if r[f"{section}_prompts_correct"])
+        if schema != "counterfact":
+            rates[rate] = accuracy[rate]
+            continue
+        sign = -1 if section == "neighborhood" else 1
+        pairs = [r[key] for r in results if r[key]]
+        rates[rate] = _mean(_mean(sign * (p["target_true"] - p["target_new"]) > 0 for p in ps) for ps in pairs)
+        margins[rate] = _mean(_mean(sign * (math.exp(-p["target_new"]) - math.exp(-p["target_true"])) for p in ps)
+                              for ps in pairs)
+    return {"rates": rates, "margins": margins, "accuracy": accuracy}
+
+
+DEFINITIONS = {
+    "counterfact": "efficacy/paraphrase: share of rewrite/paraphrase prompts with NLL(new) < NLL(true); "
+                   "neighborhood: share of neighbourhood prompts with NLL(true) < NLL(new); NLL = mean per-token "
+                   "negative log-likelihood of ' ' + target; margins: mean p(new) - p(true) (flipped for "
+                   "neighborhood), p = exp(-NLL); accuracy: share of prompts whose right target is the argmax at "
+                   "every token. Means over each case's prompts, then over cases.",
+    "zsre": "token-level accuracy (argmax, teacher forced) of the new answer at the rewrite (efficacy) and "
+            "rephrase (paraphrase) prompts and of the locality answer (neighborhood); means over each case's "
+            "tokens, then over cases.",
+}
+DEFINITIONS["easyedit"] = DEFINITIONS["zsre"]
+
+
+# -- sequential editing and evaluation -------------------------------------------------------
+def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, *, before: bool = True,
+                   curve: bool = False, batch_tokens: int = 4096, log=print) -> tuple[dict, list[dict]]:
+    """Edit `cases` with `editor` in sequential batches of `batch_size`, then score every case,
+    as the original's `evaluate.py` does (with `before`, also before the first edit; with
+    `curve`, the cases edited so far after every batch).
+
+    Returns (metrics, per-case records `{"case_id", "requested_rewrite", "num_edits", "post",
+    ["pre"]}`); metrics holds rates, margins, accuracies, seconds and peak memory per phase.
+    """
+    from .timing import Phases
+
+    model, tok = editor.model, editor.tok
+    device = model.get_input_embeddings().weight.device
+    seconds: dict[str, float] = {}
+    peak: dict[str, int] = {}
+    phases = Phases(device, seconds, peak)
+    pre = None
+    if before:
+        with phases("evaluate before"):
+            pre = score_cases(model, tok, cases, schema, batch_tokens)
+    requests = [edit_request(c) for c in cases]
+    points = []
+    for start in range(0, len(cases), batch_size):
+        stop = min(start + batch_size, len(cases))
+        for name, value in editor.edit(requests[start:stop], peak_bytes=peak).items():
+            seconds[name] = seconds.get(name, 0.0) + value
+        log(f"edits {start + 1}-{stop} of {len(cases)}: " + ", ".join(
+            f"{k} {v:.1f}s" for k, v in seconds.items() if not k.startswith("evaluate")))
+        if curve and stop < len(cases):
+            with phases("evaluate curve"):
+                points.append({"n_edits": stop, **summarize(score_cases(model, tok, cases[:stop], schema,
+                                                                        batch_tokens), schema)["rates"]})
+    with phases("evaluate"):
+        post = score_cases(model, tok, cases, schema, batch_tokens)
+    summary = summarize(post, schema)
+    if curve:
+        points.append({"n_edits": len(cases), **summary["rates"]})
+    metrics = {"schema": schema, "definition": DEFINITIONS[schema], "n_cases": len(cases), "batch_size": batch_size,
+               **summary, "seconds": seconds, "peak_memory_bytes": peak}
+    if pre is not None:
+        metrics["before"] = summarize(pre, schema)
+    if curve:
+        metrics["curve"] = points
+    def with_rates(scores):
+        return {**scores, "rates": summarize([scores], schema)["rates"]}
+
+    records = [{"case_id": c["case_id"], "requested_rewrite": c["requested_rewrite"], "num_edits": batch_size,
+                "post": with_rates(post[i]), **({"pre": with_rates(pre[i])} if pre is not None else {})}
+               for i, c in enumerate(cases)]
+    return metrics, records
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    import transformers
+
+    from . import __version__
+
+    return {"alphaedit_fast": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def write_evaluation(out_dir, metrics: dict, records: Sequence[dict]) -> list[Path]:
+    """`metrics.json`, `cases.jsonl` and, when metrics hold a curve, `curve.png` in `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "metrics.json", out_dir / "cases.jsonl"]
+    paths[0].write_text(json.dumps(metrics, indent=1, default=str))
+    paths[1].write_text("".join(json.dumps(r) + "\n" for r in records))
+    if "curve" in metrics:
+        paths.append(plot_curve(metrics, out_dir / "curve.png"))
+    return paths
+
+
+def plot_curve(metrics: dict, path) -> Path:
+    """Each rate against the number of edits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    xs = [p["n_edits"] for p in metrics["curve"]]
+    for rate in RATES:
+        ys = [p[rate] for p in metrics["curve"]]
+        if any(y is not None for y in ys):
+            ax.plot(xs, [math.nan if y is None else y for y in ys], marker=".", label=rate)
+    ax.set_xlabel("edits")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{metrics['schema']}: sequential batches of {metrics['batch_size']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
