@@ -171,21 +171,58 @@ def run_edit_command(args) -> None:
 
 
 def run_eval(args) -> None:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.requests:
+        run_eval_requests(args)
+    else:
+        run_eval_factworld(args)
+
+
+def run_eval_requests(args) -> None:
+    """`eval --requests FILE`: sequential edits of a user's records, scored as the original does."""
+    from .editor import AlphaEditor
+    from .evaluation import evaluate_edits, load_cases, versions, write_evaluation
+
+    schema, cases = load_cases(args.requests, zsre_target=args.zsre_target)
+    n_edits = args.edits or len(cases)
+    if n_edits > len(cases):
+        raise InvalidArgumentError(f"--edits {n_edits}: {args.requests} holds {len(cases)} records")
+    cases = cases[:n_edits]
+    from .factworld import SHIPPED_MODEL
+
+    model = args.model if args.model is not None else SHIPPED_MODEL
+    print(f"{len(cases)} {schema} records from {args.requests}; loading {model}")
+    editor = AlphaEditor.from_pretrained(
+        model, hparams=args.hparams, projector=args.projector, stats=args.stats,
+        context_templates=args.context_templates, dtype=args.dtype, device=args.device, device_map=args.device_map,
+        allow_foreign_projector=args.allow_foreign_projector, progress=True)
+    metrics, records = evaluate_edits(editor, cases, schema, args.batch_size or len(cases), before=not args.no_before,
+                                      curve=args.curve)
+    metrics.update(model=str(model), requests=str(args.requests), hparams=editor.hparams.to_dict(),
+                   context_templates=editor.context_templates, projector=args.projector or args.stats or "corpus",
+                   versions=versions())
+    rates = ", ".join(f"{k} {v:.3f}" for k, v in metrics["rates"].items() if v is not None)
+    print(f"after {len(cases)} edits in batches of {metrics['batch_size']}: {rates}")
+    for path in write_evaluation(args.out, metrics, records):
+        print(f"-> {path}")
+
+
+def run_eval_factworld(args) -> None:
+    """`eval` without --requests: the fact world's built-in CounterFact-style study."""
     from .factworld import load_model
     from .factworld.editing import edit_hparams
     from .factworld.evaluate import evaluate_editing, write_report
     from .hparams import AlphaEditHyperParams
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     if args.model is not None and not Path(args.model).exists():
         raise ModelFileError(f"model directory {args.model} does not exist")
     try:
         model, tok, world = load_model(args.model)
     except FileNotFoundError as err:
         raise ModelFileError(str(err)) from None
-    hparams = AlphaEditHyperParams.from_json(args.hparams) if args.hparams else edit_hparams(model)
+    hparams = AlphaEditHyperParams.load(args.hparams) if args.hparams else edit_hparams(model)
     result = evaluate_editing(
-        model, tok, world, n_edits=args.edits, batch_size=args.batch_size,
+        model, tok, world, n_edits=args.edits or 400, batch_size=args.batch_size or 20,
         batch_sizes=[int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else None,
         methods=args.methods.split(","), modes=args.modes.split(","), seed=args.seed, hparams=hparams)
     for path in write_report(result, args.out):
@@ -259,19 +296,44 @@ def main(argv: list[str] | None = None) -> int:
     state.add_argument("--fresh", action="store_true",
                        help=f"start a new editor state even if --model DIR holds an {STATE_FILE}")
     edit.add_argument("--batch-size", type=int, default=0, help="edits per batch (default: all at once)")
-    evaluate = sub.add_parser("eval", help="CounterFact-style metrics on the fact world: AlphaEdit vs P = I, "
-                              "sequential and batch; writes JSON and a PNG plot")
-    evaluate.add_argument("--model", help="a fact-world model directory (default: the shipped one)")
-    evaluate.add_argument("--edits", type=int, default=400, help="number of edits (one per subject)")
-    evaluate.add_argument("--batch-size", type=int, default=20, help="edits per sequential batch")
-    evaluate.add_argument("--batch-sizes", help="comma-separated one-batch sizes (default: batch size, 1/4, 1/2, "
-                          "all of --edits)")
-    evaluate.add_argument("--methods", default="alphaedit,identity", help="alphaedit and/or identity (P = I)")
-    evaluate.add_argument("--modes", default="sequential,batch", help="sequential and/or batch")
-    evaluate.add_argument("--hparams", help="an AlphaEdit hparams JSON (default: the fact world's)")
-    evaluate.add_argument("--seed", type=int, default=0, help="which edits are drawn")
+    evaluate = sub.add_parser(
+        "eval", help="edit records of a CounterFact/ZsRE/EasyEdit file sequentially and score them as the original "
+        "(--requests); without --requests, the fact world's study: AlphaEdit vs P = I, sequential and batch",
+        description="With --requests FILE: edit the first --edits records in sequential batches of --batch-size, "
+        "then score every record with the original's metrics; writes OUT/metrics.json, OUT/cases.jsonl (the "
+        "original's per-case layout) and, with --curve, OUT/curve.png. Without --requests: the fact world's "
+        "built-in study (factworld-eval.json and .png).")
+    evaluate.add_argument("--model", help="a local model directory or hub id (default: the shipped fact-world model)")
+    evaluate.add_argument("--requests", help="JSON/JSONL of CounterFact, ZsRE (MEND layout) or EasyEdit records")
+    evaluate.add_argument("--hparams", help="hparams JSON/YAML file or preset name (default: the preset matching the "
+                          "model)")
+    evaluate.add_argument("--projector", help="projector file (`alphaedit-fast projector`, or a dense P saved with "
+                          "torch.save such as the original's null_space_project.pt), or 'identity' for P = I")
+    evaluate.add_argument("--stats", help="statistics file (`alphaedit-fast stats`) or the original's stats directory "
+                          "of .npz files; the projector is computed at the hparams' nullspace_threshold")
+    evaluate.add_argument("--allow-foreign-projector", action="store_true",
+                          help="use a --projector computed for another model (refused by default)")
+    evaluate.add_argument("--context-templates", help="JSON list of groups of templates (the original's "
+                          "CONTEXT_TEMPLATES_CACHE; default: generated from the model, seeded)")
+    evaluate.add_argument("--zsre-target", choices=["answers", "alt"], default="answers",
+                          help="the ZsRE edit target: answers[0] (the original's) or alt (EasyEdit's)")
+    evaluate.add_argument("--curve", action="store_true", help="also score the records edited so far after every "
+                          "batch and plot the rates (curve.png)")
+    evaluate.add_argument("--no-before", action="store_true", help="do not score the records before editing")
+    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                          help="model dtype (auto: float32 on the CPU, the checkpoint's on a GPU)")
+    evaluate.add_argument("--device", help="device for the model (default: cuda if available, else cpu)")
+    evaluate.add_argument("--device-map", choices=["auto"], help="spread the model over the available devices")
+    evaluate.add_argument("--edits", type=int, help="number of records to edit (default: all; fact world: 400)")
+    evaluate.add_argument("--batch-size", type=int, help="edits per sequential batch (default: all at once; "
+                          "fact world: 20)")
+    evaluate.add_argument("--batch-sizes", help="fact world: comma-separated one-batch sizes (default: batch size, "
+                          "1/4, 1/2, all of --edits)")
+    evaluate.add_argument("--methods", default="alphaedit,identity", help="fact world: alphaedit and/or identity")
+    evaluate.add_argument("--modes", default="sequential,batch", help="fact world: sequential and/or batch")
+    evaluate.add_argument("--seed", type=int, default=0, help="fact world: which edits are drawn")
     evaluate.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
-    evaluate.add_argument("--out", default="factworld-eval", help="output directory")
+    evaluate.add_argument("--out", default="alphaedit-eval", help="output directory")
     sub.add_parser("version", help="print versions and available backends")
     args = parser.parse_args(argv)
 

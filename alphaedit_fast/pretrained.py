@@ -121,11 +121,10 @@ def load_for_editing(model, hparams=None, projector=None, stats=None, context_te
     elif stats is not None:
         projector = projector_from_stats(stats, model, hparams)
     elif projector is None and factworld:
-        from .factworld import load_model as load_factworld
+        from .factworld import load_world
         from .factworld.editing import corpus_projector
 
-        world = load_factworld(source)[2]
-        projector = corpus_projector(model, tok, world, hparams)
+        projector = corpus_projector(model, tok, load_world(source), hparams)
     elif projector is None:
         raise InvalidArgumentError("no projector: give projector= (a file from `alphaedit-fast projector` or the "
                                    "original's null_space_project.pt), stats= (a statistics file or the original's "

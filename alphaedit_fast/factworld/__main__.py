@@ -1,8 +1,10 @@
-"""python -m alphaedit_fast.factworld build --out DIR [--seed 0 ...]"""
+"""python -m alphaedit_fast.factworld build --out DIR [--seed 0 ...]   # world + tokenizer + model
+python -m alphaedit_fast.factworld requests --edits N --out FILE        # CounterFact records of a world
+python -m alphaedit_fast.factworld corpus --out FILE                    # its training text, one per line"""
 
 import argparse
-
-from .train import train
+import json
+from pathlib import Path
 
 
 def main(argv=None):
@@ -22,10 +24,37 @@ def main(argv=None):
     b.add_argument("--label-smoothing", type=float, default=0.0)
     b.add_argument("--mlp-ratio", type=int, default=4)
     b.add_argument("--threads", type=int, default=1)
+    r = sub.add_parser("requests", help="write counterfactual edits of a world as CounterFact records (JSON)")
+    c = sub.add_parser("corpus", help="write a world's training text, one sentence per line")
+    for p in (r, c):
+        p.add_argument("--model", help="a fact-world model directory (default: the shipped one)")
+        p.add_argument("--out", required=True)
+        p.add_argument("--seed", type=int, default=0)
+    r.add_argument("--edits", type=int, default=20)
+    c.add_argument("--lines", type=int, default=3000)
     a = ap.parse_args(argv)
+    if a.cmd in ("requests", "corpus"):
+        write_data(a)
+        return
+    from .train import train
+
     train(a.out, seed=a.seed, n_subjects=a.subjects, eval_every=a.eval_every, hidden=a.hidden, layers=a.layers,
           vocab_size=a.vocab, epochs=a.epochs, batch=a.batch, lr=a.lr, label_smoothing=a.label_smoothing,
           mlp_ratio=a.mlp_ratio, threads=a.threads, log=lambda m: print(m, flush=True))
+
+
+def write_data(args) -> None:
+    """Write a world's CounterFact records or training corpus (the world of --model's directory)."""
+    from . import load_world
+    from .world import training_texts
+
+    world = load_world(args.model)
+    if args.cmd == "requests":
+        text = json.dumps(world.counterfact_requests(args.edits, args.seed), indent=1)
+    else:
+        text = "\n".join(training_texts(world, args.seed)[:args.lines]) + "\n"
+    Path(args.out).write_text(text)
+    print(f"-> {args.out}")
 
 
 if __name__ == "__main__":
