@@ -1,10 +1,12 @@
-"""AlphaEditHyperParams: the original AlphaEdit JSON hyper-parameters, validated."""
+"""AlphaEditHyperParams: the original AlphaEdit JSON hyper-parameters, validated, and the shipped presets."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import numbers
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,62 @@ from typing import Any
 from .errors import HyperParamsError
 
 FACT_TOKENS = ("subject_last", "subject_first", "subject_first_after_last", "last")
+TEMPLATE_FIELDS = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
+                   "lm_head_module")
+MODEL_FIELDS = ("model_name", "v_loss_layer", *TEMPLATE_FIELDS)  # what for_model(model, layers) reads off the model
+PRESETS_DIR = Path(__file__).parent / "presets"
+_ALIASES = {"gptj6b": "EleutherAI_gpt-j-6B"}  # names that differ from a file name by more than _squash removes
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # '5e-1': a string to YAML 1.1, a float to us
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped presets (`alphaedit_fast/presets/*.json`), for `AlphaEditHyperParams.load`."""
+    return sorted((path.stem for path in PRESETS_DIR.glob("*.json")), key=str.lower)
+
+
+def _squash(name: str) -> str:
+    """`name` lower-cased, without '.json', '-', '_', '/' and spaces: what preset names are compared on."""
+    return re.sub(r"[-_/\s]", "", name.lower().removesuffix(".json"))
+
+
+def find_preset(name: str) -> str | None:
+    """The preset called `name` (case, '.json', '-' and '_' aside; `gpt-j-6b` is an alias), or None."""
+    key = _squash(name)
+    key = _squash(_ALIASES.get(key, key))
+    return next((preset for preset in preset_names() if _squash(preset) == key), None)
+
+
+def matching_preset(config) -> str | None:
+    """The preset whose `"architecture"` (model_type, depth, widths) equals `config`'s, or None.
+
+    Presets of one shape (Llama3-8B and llama3.1-8b) are told apart by `config._name_or_path`: one
+    whose name it contains wins, else the first in `preset_names()` (Llama3-8B, the original's).
+    """
+    def fits(architecture) -> bool:
+        return bool(architecture) and all(getattr(config, k, None) == v for k, v in architecture.items())
+
+    matches = [name for name in preset_names() if fits(AlphaEditHyperParams.load(name).extra.get("architecture"))]
+    hint = _squash(getattr(config, "_name_or_path", "") or "")
+    named = [name for name in matches if _squash(name) in hint]
+    return (named or matches or [None])[0]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """An EasyEdit hparams YAML (`hparams/AlphaEdit/*.yaml`) as a dict; '5e-1' becomes 0.5, as in EasyEdit."""
+    try:
+        import yaml
+    except ImportError:
+        raise HyperParamsError(f"reading {path} needs PyYAML: pip install pyyaml") from None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise HyperParamsError(f"cannot read hyper-parameter file {path}: {err}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        raise HyperParamsError(f"{path} is not valid YAML ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise HyperParamsError(f"{path} must hold a mapping of hyper-parameter names to values (EasyEdit's "
+                               f"hparams/AlphaEdit/*.yaml layout), got {type(data).__name__}")
+    return {k: float(v) if isinstance(v, str) and _SCIENTIFIC.fullmatch(v) else v for k, v in data.items()}
 
 
 @dataclass
@@ -86,32 +144,72 @@ class AlphaEditHyperParams:
         return cls.from_dict(data)
 
     @classmethod
-    def for_model(cls, model, layers: list[int] | None = None, **overrides) -> AlphaEditHyperParams:
-        """Defaults for `model` with its module templates filled in from `arch.detect`.
+    def load(cls, name_or_path: str | os.PathLike) -> AlphaEditHyperParams:
+        """Read a hparams file, or a shipped preset by name.
 
-        `layers` defaults to five consecutive layers starting at num_layers // 8 (the original
-        uses 4-8 for the 32-layer Llama-3-8B); any other field can be overridden by keyword.
+        An existing file is read as JSON (the original's layout), or as YAML when it ends in .yaml/.yml
+        (EasyEdit's); anything else is a preset name.
+        Preset names match without regard to case, '.json', '-' and '_': `Llama3-8B`, `llama3-8b.json`,
+        `gpt2-xl`, `gpt-j-6b`, `qwen2.5-7b`, `llama3.1-8b`, `factworld` (see `preset_names()`).
+        """
+        if not isinstance(name_or_path, (str, os.PathLike)):
+            raise HyperParamsError(f"give a hparams file path or a preset name, got {type(name_or_path).__name__}")
+        path = Path(name_or_path)
+        if path.is_file():
+            return cls.from_dict(_read_yaml(path)) if path.suffix.lower() in (".yaml", ".yml") else cls.from_json(path)
+        name = find_preset(str(name_or_path))
+        if name is None:
+            raise HyperParamsError(f"{str(name_or_path)!r} is neither a hyper-parameter file (no such file) nor a "
+                                   f"preset; the presets are {', '.join(preset_names())}")
+        return cls.from_json(PRESETS_DIR / f"{name}.json")
+
+    @classmethod
+    def for_model(cls, model, layers: list[int] | None = None, **overrides) -> AlphaEditHyperParams:
+        """Hyper-parameters for `model`, module templates from (or checked against) `arch.detect`.
+
+        Without `layers`: the whole preset whose "architecture" matches `model.config`
+        (`matching_preset`; Llama3-8B over llama3.1-8b unless the model's name says 3.1), named in
+        `extra["preset"]`; no match raises HyperParamsError.
+        With `layers`: the original's defaults, the detected templates, `v_loss_layer` the last
+        layer. Any field can be overridden by keyword.
         """
         from .arch import detect
 
         spec = detect(model)
         if layers is None:
-            start = spec.num_layers // 8
-            layers = list(range(start, min(start + 5, spec.num_layers)))
-        values = dict(
-            model_name=getattr(model.config, "_name_or_path", "") or spec.family,
-            layers=list(layers),
-            rewrite_module_tmp=spec.rewrite_module_tmp,
-            layer_module_tmp=spec.layer_module_tmp,
-            mlp_module_tmp=spec.mlp_module_tmp,
-            attn_module_tmp=spec.attn_module_tmp,
-            ln_f_module=spec.ln_f_module,
-            lm_head_module=spec.lm_head_module,
-            v_loss_layer=spec.num_layers - 1,
-            v_lr=spec.default_v_lr,
-        )
+            values = cls._matching_preset_values(model, spec)
+        else:
+            values = dict(
+                model_name=getattr(model.config, "_name_or_path", "") or spec.family,
+                layers=list(layers),
+                v_loss_layer=spec.num_layers - 1,
+                v_lr=spec.default_v_lr,
+                **{name: getattr(spec, name) for name in TEMPLATE_FIELDS},
+            )
         values.update(overrides)
         return cls.from_dict(values)
+
+    @classmethod
+    def _matching_preset_values(cls, model, spec) -> dict[str, Any]:
+        """The values of the preset matching `model`, plus "preset": its name; HyperParamsError when
+        none matches or its module templates are not `spec`'s."""
+        config = model.config
+        name = matching_preset(config)
+        if name is None:
+            raise HyperParamsError(
+                f"no preset fits {type(model).__name__} (model_type={getattr(config, 'model_type', None)!r}, "
+                f"{spec.num_layers} layers, hidden size {getattr(config, 'hidden_size', None)}): give the layers "
+                f"to edit (0-{spec.num_layers - 1} here), e.g. AlphaEditHyperParams.for_model(model, layers=[4, 5, "
+                "6, 7, 8]) as AlphaEdit does for Llama-3-8B. Its published settings edit a few consecutive MLP "
+                "layers early in the network: 4-8 of 32 for Llama-3-8B, 13-17 of 48 for GPT-2 XL, 3-8 of 28 for "
+                f"GPT-J-6B. Presets (used when the model's shape matches one): {', '.join(preset_names())}")
+        preset = cls.load(name)
+        wrong = {k: (getattr(preset, k), getattr(spec, k))
+                 for k in TEMPLATE_FIELDS if getattr(preset, k) != getattr(spec, k)}
+        if wrong:
+            raise HyperParamsError(f"preset {name} fits the shape of {type(model).__name__} but not its modules "
+                                   f"(preset, model): {wrong}; pass layers= to use the model's modules")
+        return {**preset.to_dict(), "preset": name}
 
     def to_dict(self) -> dict[str, Any]:
         """The original flat JSON layout, extra keys included."""

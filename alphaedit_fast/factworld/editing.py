@@ -3,26 +3,28 @@ projector from its own training corpus (shared by the demo, `alphaedit-fast eval
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from ..hparams import AlphaEditHyperParams
+from ..hparams import MODEL_FIELDS, AlphaEditHyperParams
 from ..projector import nullspace_basis
 from ..stats import collect_statistics
 from .world import World, training_texts
 
-# the facts sit at the subject's last token in layers 0-2 (causal_trace.py); layer 0 edits best; at 100
-# sequential edits a clamp of 0.6 gave efficacy 0.90 / retention 0.73, 1.0 gave 0.96 / 0.45
-EDIT_HPARAMS = {"layers": [0], "v_lr": 0.5, "L2": 1.0, "clamp_norm_factor": 0.6, "v_num_grad_steps": 25}
 CONTEXT_TEMPLATES = [["{}"], ["The. {}", "Therefore. {}", "Yes. {}", "So. {}"]]
 NULLSPACE_RELATIVE = 1e-2
 
 
 def edit_hparams(model, **overrides) -> AlphaEditHyperParams:
-    return AlphaEditHyperParams.for_model(model, **{**EDIT_HPARAMS, **overrides})
+    """The `factworld` preset (tuned on the shipped model; its "source" says how) for `model`: the module
+    templates and v_loss_layer are `model`'s, so fact-world models built with other --layers work too."""
+    preset = dataclasses.asdict(AlphaEditHyperParams.load("factworld"))
+    tuned = {k: v for k, v in preset.items() if k not in (*MODEL_FIELDS, "extra")}
+    return AlphaEditHyperParams.for_model(model, **{**tuned, "extra": {"preset": "factworld"}, **overrides})
 
 
 def corpus_projector(model, tok, world: World, hparams: AlphaEditHyperParams, relative: float = NULLSPACE_RELATIVE,
