@@ -30,14 +30,16 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 # Benchmarks (CPU): the pytest-benchmark suites, then `alphaedit-fast bench` on shapes (a)-(c)
-# and the solve at d_k = 3072; JSON lands in benchmarks/results/.
+# and the solve at d_k = 3072; JSON lands in benchmarks/results/ (the bench command's own
+# default, for users' runs, lies outside the source tree).
+RESULTS := benchmarks/results
 bench: install
-	$(BIN)/python -m pytest -q benchmarks --benchmark-json=benchmarks/results/pytest-benchmark.json
-	$(BIN)/alphaedit-fast bench --shape a-gpt2-6x128 --edits 32 --repeats 3 --solve
-	$(BIN)/alphaedit-fast bench --shape b-gpt2-small --edits 8 --repeats 3
-	$(BIN)/alphaedit-fast bench --shape c-llama-8x512 --edits 16 --repeats 3
-	$(BIN)/alphaedit-fast bench --ops
-	$(BIN)/alphaedit-fast bench --stats --shape b-gpt2-small --stats-tokens 20000
+	$(BIN)/python -m pytest -q benchmarks --benchmark-json=$(RESULTS)/pytest-benchmark.json
+	$(BIN)/alphaedit-fast bench --shape a-gpt2-6x128 --edits 32 --repeats 3 --solve --out $(RESULTS)
+	$(BIN)/alphaedit-fast bench --shape b-gpt2-small --edits 8 --repeats 3 --out $(RESULTS)
+	$(BIN)/alphaedit-fast bench --shape c-llama-8x512 --edits 16 --repeats 3 --out $(RESULTS)
+	$(BIN)/alphaedit-fast bench --ops --out $(RESULTS)
+	$(BIN)/alphaedit-fast bench --stats --shape b-gpt2-small --stats-tokens 20000 --out $(RESULTS)
 
 lint: install
 	$(BIN)/ruff check alphaedit_fast kernels tests benchmarks setup.py

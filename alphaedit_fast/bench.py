@@ -1,7 +1,9 @@
-"""Editing throughput: the reference path against the fast path, per phase, on random models.
+"""Editing throughput per phase: the reference path against the fast path on random models of
+fixed shapes, or the fast path on the user's own model and requests.
 
-`alphaedit-fast bench` runs this and writes `benchmarks/results/*.json` (medians over repeats,
-ratios measured in the same run, with the machine, versions and date).
+`alphaedit-fast bench` runs this and writes JSON (medians over repeats, ratios measured in the
+same run, with the machine, versions and date) to `--out`, by default under
+`~/.cache/alphaedit_fast/bench` (`make bench` writes the project's `benchmarks/results`).
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .arch import get_module, key_width
 from .editor import AlphaEditor
+from .errors import InvalidArgumentError
 from .hparams import AlphaEditHyperParams
+from .modelstate import restored
 from .projector import basis_from_projector
 from .reference import apply_alphaedit_ref
 from .solve import ProjectedSolver, dense_update, woodbury_absorb
+from .templates import get_context_templates
 from .tiny import tiny_model, tiny_tokenizer_for
 from .values import z_step_tokens
 
@@ -41,6 +47,7 @@ SHAPES: dict[str, tuple[str, dict, list[int]]] = {
                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                                 rope_theta=500000.0, max_position_embeddings=8192), [4, 5, 6, 7, 8]),
 }
+EDIT_PATHS = ("reference", "fast", "fast-whole-rows")  # whole-rows: every z step over whole rows
 CONTEXT_TEMPLATES = [["{}"], ["The first thing. {}", "Therefore it is. {}", "Because of this. {}",
                               "I think that. {}", "You know what. {}"]]
 _SUBJECTS = ["Danielle Darrieux", "Toko Yasuda", "Michel Denisot", "Pervez Musharraf", "Edwin of Northumbria",
@@ -90,41 +97,69 @@ def machine() -> dict:
 
 
 def bench_edit(shape: str, n_edits: int, repeats: int = 3, paths=("reference", "fast"), device: str = "cpu",
-               dtype: torch.dtype = torch.float32, null_fraction: float = 0.5) -> dict:
-    """Median seconds per phase of one batch of `n_edits` edits, for each path, on fresh model copies."""
+               dtype: torch.dtype = torch.float32, null_fraction: float = 0.5, batch_size: int | None = None,
+               report: Callable[[str], None] | None = None) -> dict:
+    """`time_edits` of `n_edits` synthetic requests on a random model of `shape`."""
+    if report:
+        report(f"bench {shape}: building the model ...")
     model, tok, hparams = bench_model(shape, device, dtype)
-    d_k = key_width(get_module(model, hparams.rewrite_module_tmp.format(hparams.layers[0])))
-    bases = random_bases(len(hparams.layers), d_k, device, null_fraction)
-    requests = synthetic_requests(n_edits)
-    result = {"shape": shape, "edits": n_edits, "repeats": repeats, "d_k": d_k, "null_dim": bases[0].shape[1],
-              "layers": hparams.layers, "dtype": str(dtype), "device": device, "paths": {},
-              "z_step_tokens": z_step_tokens(model, tok, requests, hparams, CONTEXT_TEMPLATES)}
+    result = time_edits(model, tok, synthetic_requests(n_edits), hparams, CONTEXT_TEMPLATES, paths, repeats,
+                        batch_size, null_fraction, report, label=shape)
+    return {"shape": shape, **result}
+
+
+def bench_user_model(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, name: str, paths=("fast",),
+                     repeats: int = 3, batch_size: int | None = None, null_fraction: float = 0.5,
+                     report: Callable[[str], None] | None = None) -> dict:
+    """`time_edits` of the user's `requests` on the user's `model`, with the context templates
+    `alphaedit-fast edit` uses (generated once, before timing)."""
+    if report:
+        report(f"bench {name}: generating context templates ...")
+    context_templates = get_context_templates(model, tok)
+    result = time_edits(model, tok, requests, hparams, context_templates, paths, repeats, batch_size,
+                        null_fraction, report, label=name)
+    return {"model": name, "context_templates": context_templates, **result}
+
+
+def time_edits(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, context_templates,
+               paths=("fast",), repeats: int = 3, batch_size: int | None = None, null_fraction: float = 0.5,
+               report: Callable[[str], None] | None = None, label: str = "bench") -> dict:
+    """Median seconds per phase of editing `requests` in batches of `batch_size` (default: one
+    batch), for each path ("reference", "fast", "fast-whole-rows"), every run from the same
+    weights, under a random null space of `null_fraction` of the key width. Also the peak memory
+    per phase, the token slots of the first z step, speed-ups between paths, and with `report`
+    a progress line as each run starts and ends (the fast path adds its own per phase)."""
+    unknown = sorted(set(paths) - set(EDIT_PATHS))
+    if unknown:
+        raise InvalidArgumentError(f"unknown bench path(s) {unknown}; give some of {', '.join(EDIT_PATHS)}")
+    modules = [get_module(model, hparams.rewrite_module_tmp.format(layer)) for layer in hparams.layers]
+    d_k = key_width(modules[0])
+    device = model.get_input_embeddings().weight.device
+    bases = random_bases(len(hparams.layers), d_k, modules[0].weight.device, null_fraction)
+    size = batch_size or len(requests)
+    batches = [requests[i : i + size] for i in range(0, len(requests), size)]
+    tokens: dict[str, int] = {}
+    for batch in batches:
+        for kind, count in z_step_tokens(model, tok, batch, hparams, context_templates).items():
+            tokens[kind] = tokens.get(kind, 0) + count
+    result = {"edits": len(requests), "batch_size": size, "repeats": repeats, "d_k": d_k, "null_dim": bases[0].shape[1],
+              "layers": hparams.layers, "dtype": str(next(model.parameters()).dtype), "device": str(device),
+              "paths": {}, "z_step_tokens": tokens, "peak_memory_bytes": {}}
     for path in paths:
-        runs = []
-        peaks: dict[str, int] = {}
-        for _ in range(repeats):
-            work = copy.deepcopy(model)
-            timings: dict[str, float] = {}
-            start = time.perf_counter()
-            if path == "reference":
-                P = torch.stack([u @ u.T for u in bases]).cpu()
-                apply_alphaedit_ref(work, tok, requests, hparams, CONTEXT_TEMPLATES, P,
-                                    torch.zeros(len(hparams.layers), d_k, d_k), timings=timings, peak_bytes=peaks)
-            else:
-                path_hparams = copy.deepcopy(hparams)
-                if path == "fast-whole-rows":  # every z step runs whole rows, as before suffix-only steps
-                    path_hparams.extra["z_suffix_only"] = False
-                editor = AlphaEditor(work, tok, path_hparams, projector=bases, context_templates=CONTEXT_TEMPLATES)
-                timings = editor.edit(requests, peak_bytes=peaks)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            timings["total"] = time.perf_counter() - start
+        runs, peaks = [], {}
+        for run in range(repeats):
+            what = f"{label} {path} run {run + 1}/{repeats}"
+            if report:
+                report(f"{what} ..." + (" (one request at a time: slow)" if path == "reference" else ""))
+            with restored([m.weight for m in modules]):
+                timings = _edit_once(model, tok, batches, hparams, context_templates, bases, path, peaks,
+                                     progress=report is not None)
             runs.append(timings)
-            del work
+            if report:
+                report(f"{what}: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
         med = _median_phases(runs)
-        med["edits_per_s"] = n_edits / med["total"]
-        result["paths"][path] = med
-        result.setdefault("peak_memory_bytes", {})[path] = peaks
+        med["edits_per_s"] = len(requests) / med["total"]
+        result["paths"][path], result["peak_memory_bytes"][path] = med, peaks
     if "reference" in result["paths"] and "fast" in result["paths"]:
         ref, fast = result["paths"]["reference"], result["paths"]["fast"]
         result["speedup"] = {k: ref[k] / fast[k] for k in ("z", "keys", "solve", "cache update", "total")}
@@ -132,6 +167,33 @@ def bench_edit(shape: str, n_edits: int, repeats: int = 3, paths=("reference", "
         whole, fast = result["paths"]["fast-whole-rows"], result["paths"]["fast"]
         result["suffix_only_speedup"] = {k: whole[k] / fast[k] for k in ("z", "total")}
     return result
+
+
+def _edit_once(model, tok, batches: list[list[dict]], hparams: AlphaEditHyperParams, context_templates,
+               bases: list[torch.Tensor], path: str, peaks: dict[str, int], progress: bool) -> dict[str, float]:
+    """Seconds per phase (summed over the batches) and in total of one run of `path`, in place on `model`."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if path == "reference":
+        d_k = bases[0].shape[0]
+        P = torch.stack([u @ u.T for u in bases]).cpu()
+        cache = torch.zeros(len(hparams.layers), d_k, d_k)
+        for batch in batches:
+            _, cache = apply_alphaedit_ref(model, tok, batch, hparams, context_templates, P, cache, timings=timings,
+                                           peak_bytes=peaks)
+    else:
+        path_hparams = copy.deepcopy(hparams)
+        if path == "fast-whole-rows":  # every z step runs whole rows, as before suffix-only steps
+            path_hparams.extra["z_suffix_only"] = False
+        editor = AlphaEditor(model, tok, path_hparams, projector=bases, context_templates=context_templates,
+                             progress=progress)
+        for batch in batches:
+            for phase, seconds in editor.edit(batch, peak_bytes=peaks).items():
+                timings[phase] = timings.get(phase, 0.0) + seconds
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    timings["total"] = time.perf_counter() - start
+    return timings
 
 
 def bench_solve(d_k: int = 3072, d_model: int = 768, n_edits: int = 100, null_fraction: float = 0.5,
@@ -177,8 +239,16 @@ def bench_solve(d_k: int = 3072, d_model: int = 768, n_edits: int = 100, null_fr
     return result
 
 
-def write_results(name: str, payload: dict, out_dir: str | Path = "benchmarks/results") -> Path:
-    out = Path(out_dir)
+def default_results_dir() -> Path:
+    """Where `alphaedit-fast bench` writes without --out: $XDG_CACHE_HOME (default ~/.cache)/alphaedit_fast/bench,
+    outside any source tree."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "alphaedit_fast" / "bench"
+
+
+def write_results(name: str, payload: dict, out_dir: str | Path | None = None) -> Path:
+    """`payload` with the machine's description as `out_dir/name.json` (default `default_results_dir()`)."""
+    out = Path(out_dir) if out_dir is not None else default_results_dir()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))

@@ -11,47 +11,92 @@ import torch
 
 from .bench import SHAPES
 from .errors import AlphaEditError, InvalidArgumentError, ModelFileError
+from .loading import add_model_arguments, default_device, load_model
+from .timing import progress_line
 from .tiny import FAMILY_CONFIGS
 
 
 def run_bench(args) -> None:
     from .bench import bench_edit, bench_ops, bench_solve, bench_stats, write_results
 
-    dtype = getattr(torch, args.dtype)
-    default_shapes = [] if (args.ops or args.solve or args.stats) else ["a-gpt2-6x128", "c-llama-8x512"]
+    if not args.model and (args.requests or args.hparams or args.device_map):
+        raise InvalidArgumentError("--requests, --hparams and --device-map time your own model: give it with --model")
+    if args.model:
+        run_bench_model(args)
+    device = args.device or default_device()
+    dtype = torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype)  # random shapes: no checkpoint
+    default_shapes = [] if (args.model or args.ops or args.solve or args.stats) else ["a-gpt2-6x128", "c-llama-8x512"]
     for shape in [] if args.stats else args.shape or default_shapes:
-        result = bench_edit(shape, args.edits, args.repeats, tuple(args.paths.split(",")), args.device, dtype)
-        path = write_results(f"edit-{shape}-{args.edits}-{args.device}", result, args.out)
-        for name, med in result["paths"].items():
-            phases = ", ".join(f"{k} {v:.3f}s" for k, v in med.items() if k not in ("edits_per_s",))
-            print(f"{shape} {name:>9}: {med['edits_per_s']:.2f} edits/s ({phases})")
-        tokens = result["z_step_tokens"]
-        print(f"{shape} tokens per z step: {tokens['padded']} padded, {tokens['real']} real, {tokens['suffix']} at or "
-              f"after the lookup position ({tokens['suffix'] / tokens['padded']:.0%} of padded), "
-              f"{tokens['suffix_padded']} run per suffix-only step")
-        for name, peaks in result["peak_memory_bytes"].items():
-            print(f"{shape} {name:>9} peak memory: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in peaks.items()))
-        if "speedup" in result:
-            print(f"{shape}   speed-up: " + ", ".join(f"{k} {v:.1f}x" for k, v in result["speedup"].items()))
-        if "suffix_only_speedup" in result:
-            print(f"{shape}   suffix-only z steps vs whole rows: "
-                  + ", ".join(f"{k} {v:.1f}x" for k, v in result["suffix_only_speedup"].items()))
-        print(f"  -> {path}")
+        result = bench_edit(shape, args.edits or 32, args.repeats, _bench_paths(args, "reference,fast"), device, dtype,
+                            batch_size=args.batch_size, report=progress_line)
+        path = write_results(f"edit-{shape}-{result['edits']}-{device}", result, args.out)
+        print_edit_result(shape, result, path)
     if args.stats:
         shape = (args.shape or ["b-gpt2-small"])[0]
-        result = bench_stats(shape, args.stats_corpus, args.stats_tokens, args.device, dtype)
-        path = write_results(f"stats-{shape}-{args.device}", result, args.out)
+        progress_line(f"bench stats {shape}: one pass, then one pass per layer ...")
+        result = bench_stats(shape, args.stats_corpus, args.stats_tokens, device, dtype)
+        path = write_results(f"stats-{shape}-{device}", result, args.out)
         print(f"stats {shape}: one pass {result['tokens_per_s']['one_pass']:.0f} tok/s, per-layer passes "
               f"{result['tokens_per_s']['per_layer_passes']:.0f} tok/s ({result['speedup']:.1f}x)\n  -> {path}")
     if args.ops:
-        result = bench_ops(args.device)
-        path = write_results(f"ops-{args.device}", result, args.out)
+        progress_line("bench ops: every hot op on every backend ...")
+        result = bench_ops(device)
+        path = write_results(f"ops-{device}", result, args.out)
         print("ops: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in result["gb_per_s"].items()) + f"\n  -> {path}")
     if args.solve:
-        result = bench_solve(d_k=args.solve_dk, n_edits=args.solve_edits, device=args.device)
-        path = write_results(f"solve-dk{args.solve_dk}-{args.solve_edits}-{args.device}", result, args.out)
+        progress_line(f"bench solve at d_k = {args.solve_dk}, {args.solve_edits} edits ...")
+        result = bench_solve(d_k=args.solve_dk, n_edits=args.solve_edits, device=device)
+        path = write_results(f"solve-dk{args.solve_dk}-{args.solve_edits}-{device}", result, args.out)
         print("solve: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in result["seconds"].items())
               + " | speed-up " + ", ".join(f"{k} {v:.1f}x" for k, v in result["speedup"].items()) + f"\n  -> {path}")
+
+
+def run_bench_model(args) -> None:
+    """`bench --model NAME_OR_DIR --requests FILE --hparams FILE`: the user's own model and requests."""
+    import re
+
+    from .bench import bench_user_model, write_results
+    from .loading import load_model
+    from .requests import load_requests
+
+    if args.shape:
+        raise InvalidArgumentError("--model times your model, --shape a random one: give one of them")
+    if not (args.requests and args.hparams):
+        raise InvalidArgumentError("bench --model needs --requests FILE and --hparams FILE")
+    hparams = _load_hparams(args.hparams)
+    requests = load_requests(args.requests)[: args.edits or None]
+    local = Path(args.model).expanduser()
+    name = local.resolve().name if local.is_dir() else args.model
+    progress_line(f"bench {name}: loading the model ...")
+    model, tok = load_model(args.model, args.dtype, args.device, args.device_map)
+    result = bench_user_model(model, tok, requests, hparams, name, _bench_paths(args, "fast"), args.repeats,
+                              args.batch_size, report=progress_line)
+    where = "auto" if args.device_map else torch.device(result["device"]).type
+    path = write_results(f"edit-{re.sub(r'[^A-Za-z0-9_.-]+', '--', name)}-{len(requests)}-{where}", result, args.out)
+    print_edit_result(name, result, path)
+
+
+def _bench_paths(args, default: str) -> tuple[str, ...]:
+    return tuple((args.paths or default).split(","))
+
+
+def print_edit_result(label: str, result: dict, path: Path) -> None:
+    """The summary of a `bench.time_edits` result: edits/s and seconds per phase for each path."""
+    for name, med in result["paths"].items():
+        phases = ", ".join(f"{k} {v:.3f}s" for k, v in med.items() if k not in ("edits_per_s",))
+        print(f"{label} {name:>9}: {med['edits_per_s']:.2f} edits/s ({phases})")
+    tokens = result["z_step_tokens"]
+    print(f"{label} tokens per z step: {tokens['padded']} padded, {tokens['real']} real, {tokens['suffix']} at or "
+          f"after the lookup position ({tokens['suffix'] / tokens['padded']:.0%} of padded), "
+          f"{tokens['suffix_padded']} run per suffix-only step")
+    for name, peaks in result["peak_memory_bytes"].items():
+        print(f"{label} {name:>9} peak memory: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in peaks.items()))
+    if "speedup" in result:
+        print(f"{label}   speed-up: " + ", ".join(f"{k} {v:.1f}x" for k, v in result["speedup"].items()))
+    if "suffix_only_speedup" in result:
+        print(f"{label}   suffix-only z steps vs whole rows: "
+              + ", ".join(f"{k} {v:.1f}x" for k, v in result["suffix_only_speedup"].items()))
+    print(f"  -> {path}")
 
 
 def run_stats(args) -> None:
@@ -63,13 +108,15 @@ def run_stats(args) -> None:
     from .stats import collect_statistics
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = "cpu"
+    if world > 1 and args.device_map:
+        raise InvalidArgumentError("--device-map spreads one model over the GPUs; under torchrun every process "
+                                   "loads its own copy: drop --device-map")
     if world > 1 and not dist.is_initialized():  # launched by torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    model, tok = load_local_model(args.model)
-    model = model.to(device, getattr(torch, args.dtype))
+    device = args.device
+    if device is None and args.device_map is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    model, tok = load_model(args.model, args.dtype, device, args.device_map)
     layers = [int(x) for x in args.layers.split(",")]
     stats = collect_statistics(
         model, tok, args.corpus, layers, detect(model).rewrite_module_tmp, max_tokens=args.max_tokens,
@@ -106,27 +153,17 @@ def run_projector(args) -> None:
 STATE_FILE = "editor-state.safetensors"
 
 
-def load_local_model(path):
-    """(model, tokenizer) from a local directory written by `save_pretrained`; never the hub."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_hparams(path):
+    """An AlphaEdit hparams JSON (the original format)."""
+    from .hparams import AlphaEditHyperParams
 
-    path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"model directory {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise ModelFileError(f"{path} is not a model directory (no config.json); give one written by save_pretrained")
-    try:
-        return (AutoModelForCausalLM.from_pretrained(path, local_files_only=True),
-                AutoTokenizer.from_pretrained(path, local_files_only=True))
-    except (OSError, ValueError) as err:
-        raise ModelFileError(f"cannot load the model in {path}: {err}") from None
+    return AlphaEditHyperParams.from_json(path)
 
 
 def run_edit_command(args) -> None:
     import time
 
     from .editor import AlphaEditor
-    from .hparams import AlphaEditHyperParams
     from .projector import load_projector
     from .requests import load_requests
     from .storage import write_directory
@@ -142,11 +179,9 @@ def run_edit_command(args) -> None:
     if state and args.projector:
         raise InvalidArgumentError(f"the editor state {state} holds its projector: drop --projector, "
                              "or pass --fresh to start a new state with it")
-    model, tok = load_local_model(args.model)
-    if torch.cuda.is_available():
-        model = model.cuda()
-    hparams = AlphaEditHyperParams.from_json(args.hparams)
+    hparams = _load_hparams(args.hparams)  # the files first: loading a large model takes minutes
     requests = load_requests(args.requests)
+    model, tok = load_model(args.model, args.dtype, args.device, args.device_map)
     if state:
         editor = AlphaEditor.from_state(model, tok, hparams, state, progress=True)
     else:
@@ -237,13 +272,23 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--tiny", metavar="FAMILY", choices=sorted(FAMILY_CONFIGS),
                       help="edit a tiny random model of this family instead of the fact-world model")
     demo.add_argument("--seed", type=int, default=0)
-    bench = sub.add_parser("bench", help="reference vs fast editing throughput; writes benchmarks/results/*.json")
+    bench = sub.add_parser("bench", help="editing throughput per phase: your model and requests (--model), or "
+                           "reference vs fast on random models of fixed shapes; writes JSON to --out",
+                           description="Time editing per phase (medians over --repeats). With --model, --requests "
+                           "and --hparams: your model and requests; else random models of the --shape(s), "
+                           "reference against fast.")
+    add_model_arguments(bench, required=False,
+                        model_help="time this model (a local directory or a hub id) instead of random shapes")
+    bench.add_argument("--requests", help="with --model: JSON/JSONL requests, CounterFact or EasyEdit schema")
+    bench.add_argument("--hparams", help="with --model: an AlphaEdit hparams JSON (the original format)")
     bench.add_argument("--shape", action="append", choices=sorted(SHAPES),
-                       help="model shape (repeatable; default: a-gpt2-6x128 and c-llama-8x512 unless --ops/--solve)")
-    bench.add_argument("--edits", type=int, default=32, help="edits per batch")
+                       help="model shape (repeatable; default: a-gpt2-6x128 and c-llama-8x512 unless --model, --ops, "
+                       "--solve or --stats)")
+    bench.add_argument("--edits", type=int, help="edits per run (default: 32 on shapes; with --model all the requests)")
+    bench.add_argument("--batch-size", type=int, default=0, help="edits per batch within a run (default: all at once)")
     bench.add_argument("--repeats", type=int, default=3, help="runs per path; medians are reported")
-    bench.add_argument("--paths", default="reference,fast",
-                       help="comma-separated: reference, fast, fast-whole-rows (z steps over whole rows)")
+    bench.add_argument("--paths", help="comma-separated: reference (slow), fast, fast-whole-rows (z steps over whole "
+                       "rows); default reference,fast on shapes, fast with --model")
     bench.add_argument("--solve", action="store_true", help="also time one layer's solve at --solve-dk")
     bench.add_argument("--solve-dk", type=int, default=3072)
     bench.add_argument("--solve-edits", type=int, default=100)
@@ -251,11 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--stats", action="store_true", help="also time key statistics: one pass vs per-layer passes")
     bench.add_argument("--stats-corpus", help="a local text file (default: the tiny built-in corpus)")
     bench.add_argument("--stats-tokens", type=int, default=20000)
-    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    bench.add_argument("--out", default="benchmarks/results")
+    bench.add_argument("--out", help="directory for the JSON results (default: $XDG_CACHE_HOME or ~/.cache, then "
+                       "alphaedit_fast/bench)")
     stats = sub.add_parser("stats", help="key statistics of the edited layers over a local corpus (torchrun-able)")
-    stats.add_argument("--model", required=True, help="a local model directory (from save_pretrained)")
+    add_model_arguments(stats)
     stats.add_argument("--corpus", required=True, help="text file, JSONL with --text-field, or a saved dataset dir")
     stats.add_argument("--layers", required=True, help="comma-separated layer numbers, e.g. 4,5,6,7,8")
     stats.add_argument("--out", required=True, help="output directory (key-stats.safetensors, checkpoints/)")
@@ -263,8 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--max-length", type=int, default=512)
     stats.add_argument("--batch-tokens", type=int, default=8192)
     stats.add_argument("--precision", default="float32", choices=["float32", "float64"])
-    stats.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                       help="dtype to run the model in")
     stats.add_argument("--checkpoint-every", type=int, default=50)
     stats.add_argument("--text-field", default="text")
     projector = sub.add_parser("projector", help="null-space bases U0 from a statistics file")
@@ -277,12 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     rule.add_argument("--rank", type=int, help="number of protected directions")
     projector.add_argument("--dense", help="also write dense P (len(layers), d, d) here (safetensors, key 'P'), "
                            "for the original API")
-    edit = sub.add_parser("edit", help="apply a requests file to a local model; save it and the editor state",
-                          description="Edit a local model. --out DIR is written atomically: model, tokenizer and "
-                          f"{STATE_FILE} appear together (an existing DIR is replaced only when the new one is "
-                          f"complete). When --model DIR holds an {STATE_FILE} (an earlier edit's output), editing "
-                          "continues from it as if given with --state; --fresh starts a new state instead.")
-    edit.add_argument("--model", required=True, help="a local model directory (from save_pretrained)")
+    edit = sub.add_parser("edit", help="apply a requests file to a model; save it and the editor state",
+                          description="Edit a model (a local directory or a hub id). --out DIR is written "
+                          f"atomically: model, tokenizer and {STATE_FILE} appear together (an existing DIR is "
+                          f"replaced only when the new one is complete). When --model DIR holds an {STATE_FILE} "
+                          "(an earlier edit's output), editing continues from it as if given with --state; --fresh "
+                          "starts a new state instead.")
+    add_model_arguments(edit)
     edit.add_argument("--requests", required=True, help="JSON/JSONL, CounterFact or EasyEdit schema")
     edit.add_argument("--hparams", required=True, help="an AlphaEdit hparams JSON (the original format)")
     edit.add_argument("--out", required=True, help="directory for the edited model and editor-state.safetensors "

@@ -24,7 +24,7 @@ from .requests import normalize_requests
 from .solve import DenseSolver, FactoredDenseSolver, ProjectedSolver
 from .storage import StatsFileError, load_tensors, model_fingerprint, require_tensors, save_tensors
 from .templates import get_context_templates
-from .timing import Phases
+from .timing import Phases, progress_line
 from .validation import (
     as_bases,
     as_hparams,
@@ -117,7 +117,8 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
     new keys (solve.DenseSolver or solve.ProjectedSolver). Returns {layer: update (d_k, d_model)}.
 
     Either every layer is edited and the solver has absorbed the keys, or the weights are
-    restored and the error propagates.
+    restored and the error propagates. With `progress`: a bar of the z steps, then a line per
+    layer (keys, solve) and one for the cache update, on stderr.
     """
     modules = check_model(model, hparams)
     n_layers = len(hparams.layers)
@@ -133,6 +134,7 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
         layers = hparams.layers
         for i, (layer, module) in enumerate(zip(layers, modules)):
             device = module.weight.device
+            before = dict(phase.seconds)
             with phase("keys"):
                 if i == 0 and first is not None:  # read in the z pass (the subject lies before the target)
                     (keys, cur_zs), first = first, None
@@ -152,9 +154,14 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
                 with torch.no_grad():
                     module.weight.add_((upd if stores_keys_first(module) else upd.T).to(module.weight.dtype))
             updates[layer] = upd
+            if progress:
+                progress_line(f"layer {layer}: {phase.since(before, 'keys', 'solve')}")
+        before = dict(phase.seconds)
         with phase("cache update"):
             keys_after, _ = passes.read(layers, resume_at=layers[0])
             solver.absorb([k.T.to(m.weight.device) for k, m in zip(keys_after, modules)])
+        if progress:
+            progress_line(phase.since(before, "cache update"))
     return updates
 
 

@@ -34,7 +34,21 @@ def restore_on_error(weights: Sequence[torch.nn.Parameter]) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        with torch.no_grad():
-            for w, s in zip(weights, saved):
-                w.copy_(s)
+        _copy_back(weights, saved)
         raise
+
+
+@contextmanager
+def restored(weights: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """Snapshot `weights` and copy every one back when the block ends, however it ends."""
+    saved = [w.detach().clone() for w in weights]
+    try:
+        yield
+    finally:
+        _copy_back(weights, saved)
+
+
+def _copy_back(weights: Sequence[torch.nn.Parameter], saved: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for w, s in zip(weights, saved):
+            w.copy_(s)

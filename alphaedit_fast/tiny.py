@@ -88,8 +88,9 @@ def tiny_model(family: str, vocab_size: int = 512, seed: int = 0, dtype: torch.d
                device: str | torch.device = "cpu", **overrides) -> torch.nn.Module:
     """A random-initialised causal LM of `family` (4 layers, width 64, MLP 160 unless
     overridden), in eval mode, built directly on `device` in `dtype`."""
-    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .loading import dtype_kwargs
 
     kwargs = {**FAMILY_CONFIGS[family], "vocab_size": vocab_size, **overrides}
     kwargs.setdefault("initializer_range", 0.2)
@@ -98,9 +99,8 @@ def tiny_model(family: str, vocab_size: int = 512, seed: int = 0, dtype: torch.d
     kwargs.setdefault("pad_token_id", kwargs["eos_token_id"])
     config = AutoConfig.for_model(family, **kwargs)
     torch.manual_seed(seed)
-    dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, **{dtype_kwarg: dtype}).eval()
+        return AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype)).eval()
 
 
 def tiny_tokenizer_for(family: str, padding_side: str = "right"):

@@ -153,13 +153,24 @@ def optimise_zs_and_keys(model, tok, requests: list[dict], hparams: AlphaEditHyp
     if suffix_only is None:
         suffix_only = hparams.extra.get("z_suffix_only", supports_suffix_steps(model))
     chunks = _micro_batches(model, requests, hparams, context_templates, batch_size)
+    parts = []
     with frozen(model):
-        parts = [_optimise(model, tok, chunk, hparams, layer, context_templates, suffix_only, key_layer)
-                 for chunk in tqdm(chunks, desc="z", unit="batch", disable=not progress)]
+        for index, chunk in enumerate(chunks):
+            with z_progress_bar(index, len(chunks), hparams.v_num_grad_steps, progress) as bar:
+                parts.append(_optimise(model, tok, chunk, hparams, layer, context_templates, suffix_only, key_layer,
+                                       bar if progress else None))
     zs = torch.cat([z for z, _, _ in parts])
     if any(keys is None for _, keys, _ in parts):
         return zs, None, None
     return zs, torch.cat([keys for _, keys, _ in parts]), torch.cat([out for _, _, out in parts])
+
+
+def z_progress_bar(index: int, count: int, steps: int, enabled: bool) -> tqdm:
+    """The bar of micro-batch `index` of `count`: one tick per loss evaluation (at most `steps`),
+    then the mean loss of the requests evaluated and how many still optimise, e.g.
+    `z 2/4:  48%|████▊     | 12/25 steps, loss 0.83  active 30/32`."""
+    return tqdm(total=steps, desc="z" if count == 1 else f"z {index + 1}/{count}", unit="step", disable=not enabled,
+                bar_format="{l_bar}{bar:10}| {n_fmt}/{total_fmt} steps{postfix} [{elapsed}<{remaining}]")
 
 
 def supports_suffix_steps(model) -> bool:
@@ -325,13 +336,14 @@ def _row_groups(batch: _Batch, split_at: torch.Tensor, cached: torch.Tensor, kv,
 
 
 def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, context_templates,
-              suffix_only: bool = True, key_layer: int | None = None
+              suffix_only: bool = True, key_layer: int | None = None, bar: tqdm | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """z of one micro-batch of requests (n, d_model) fp32, and with `key_layer` its keys and plain
     prompt outputs (see `optimise_zs_and_keys`), else (z, None, None).
 
     With `suffix_only` each step runs only the positions from each row's lookup position on,
     against the cached keys/values of the positions before it (`suffix.py`); else whole rows.
+    A `bar` (`z_progress_bar`) ticks at every loss evaluation; without one nothing is read back.
     """
     device = model.get_input_embeddings().weight.device
     batch = _prepare(tok, requests, context_templates, hparams.fact_token, device)
@@ -427,6 +439,10 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
 
             moving = ~((loss < EARLY_STOP_LOSS) | (step == hparams.v_num_grad_steps - 1))
             done[active[~moving]] = True
+            if bar is not None:  # one device-to-host read per step, only with a bar
+                mean_loss, still = torch.stack([loss.detach().mean(), moving.sum().float()]).tolist()
+                bar.set_postfix_str(f"loss {mean_loss:.3g}  active {int(still)}/{n}", refresh=False)
+                bar.update()
             if not moving.any():
                 continue
             (grad,) = torch.autograd.grad(loss[moving].sum(), active_delta)

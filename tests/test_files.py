@@ -263,17 +263,21 @@ def test_edit_out_is_atomic_and_state_in_model_dir_is_continued(tmp_path, monkey
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["edit", "--model", "{tmp}/nope", "--requests", "r.json", "--hparams", "h.json", "--out", "{tmp}/o"],
+    (["edit", "--model", "{tmp}/nope", "--requests", "{tmp}/r.json", "--hparams", "{tmp}/h.json", "--out", "{tmp}/o"],
      "model directory {tmp}/nope does not exist"),
+    (["edit", "--model", "{tmp}/nope", "--requests", "r.json", "--hparams", "{tmp}/h.json", "--out", "{tmp}/o"],
+     "cannot read requests file r.json"),  # the files are read before the model, which may take minutes to load
     (["stats", "--model", "{tmp}/nope", "--corpus", "c.txt", "--layers", "1", "--out", "{tmp}/o"],
      "model directory {tmp}/nope does not exist"),
     (["eval", "--model", "{tmp}/nope", "--out", "{tmp}/o"], "model directory {tmp}/nope does not exist"),
     (["eval", "--model", "{tmp}", "--out", "{tmp}/o"], "not a fact-world model directory"),
     (["projector", "--stats", "{tmp}/nope.safetensors", "--out", "{tmp}/p"], "nope.safetensors does not exist"),
-    (["edit", "--model", "{tmp}", "--requests", "r.json", "--hparams", "h.json", "--out", "{tmp}/o"],
+    (["edit", "--model", "{tmp}", "--requests", "{tmp}/r.json", "--hparams", "{tmp}/h.json", "--out", "{tmp}/o"],
      "is not a model directory"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, message):
+    (tmp_path / "r.json").write_text(json.dumps([GOOD]))
+    (tmp_path / "h.json").write_text(json.dumps(test_hparams(tiny_model("gpt2")).to_dict()))
     argv = [a.format(tmp=tmp_path) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err

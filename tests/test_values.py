@@ -202,3 +202,15 @@ def test_z_step_token_counts(batch_size):
         expected["suffix_padded"] += sum(len(g) * max(suffixes[i] for i in g) for g in groups)
     got = z_step_tokens(model, tok, MORE_REQUESTS, hparams, CONTEXT_TEMPLATES, batch_size=batch_size)
     assert got == expected and got["suffix"] <= got["suffix_padded"] < got["real"] < got["padded"]
+
+
+def test_z_progress_bar_shows_steps_and_loss_and_changes_nothing(capfd):
+    model, tok = tiny_model("gpt2"), tiny_tokenizer_for("gpt2")
+    hparams = test_hparams(model, v_num_grad_steps=4)
+    quiet = compute_zs(model, tok, REQUESTS, hparams, 2, CONTEXT_TEMPLATES, batch_size=2)
+    capfd.readouterr()
+    shown = compute_zs(model, tok, REQUESTS, hparams, 2, CONTEXT_TEMPLATES, batch_size=2, progress=True)
+    assert torch.equal(quiet, shown)
+    err = capfd.readouterr().err
+    assert "z 1/2" in err and "z 2/2" in err  # one bar per micro-batch of requests
+    assert "4/4 steps" in err and "loss " in err and "active 2/2" in err and "active 0/1" in err

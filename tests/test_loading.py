@@ -1,0 +1,129 @@
+"""`load_model` (a local directory or a hub id, --dtype, --device, --device-map) and `bench --model`."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alphaedit_fast import InvalidArgumentError, ModelFileError
+from alphaedit_fast.bench import default_results_dir
+from alphaedit_fast.cli import main
+from alphaedit_fast.loading import load_model, resolve_dtype
+from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
+
+from .conftest import REQUESTS, test_hparams
+
+REPO = Path(__file__).resolve().parents[1]
+EASYEDIT_REQUESTS = [{"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"]["str"]}
+                     for r in REQUESTS]
+
+
+@pytest.fixture
+def fp16_dir(tmp_path):
+    """A tiny GPT-2 saved in fp16 (its config says dtype float16), with its tokenizer, an hparams
+    JSON of 3 z steps and a requests file next to it."""
+    model = tiny_model("gpt2", dtype=torch.float16)
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer_for("gpt2").save_pretrained(tmp_path / "model")
+    (tmp_path / "hparams.json").write_text(json.dumps(test_hparams(model, v_num_grad_steps=3).to_dict()))
+    (tmp_path / "requests.json").write_text(json.dumps(EASYEDIT_REQUESTS))
+    return tmp_path
+
+
+def test_local_directory_dtypes(fp16_dir):
+    model, tok = load_model(fp16_dir / "model")
+    assert model.dtype == torch.float32 and model.device.type == "cpu" and not model.training  # fp16 saved
+    assert tok("Toko Yasuda")["input_ids"]
+    assert load_model(fp16_dir / "model", "bfloat16")[0].dtype == torch.bfloat16
+    assert load_model(str(fp16_dir / "model"), "auto", "cpu")[0].dtype == torch.float32
+    assert resolve_dtype("auto", "cuda") == "auto" and resolve_dtype(None, "cpu") == torch.float32
+    assert resolve_dtype("float16", "cpu") == torch.float16
+
+
+@pytest.mark.parametrize("name", ["{tmp}/nope", "./nope-dir", "no/such/dir", "~/no-such-model-dir-here"])
+def test_missing_local_path_is_reported_as_such(tmp_path, name):
+    name = name.format(tmp=tmp_path)
+    with pytest.raises(ModelFileError, match=re.escape(f"model directory {name} does not exist")):
+        load_model(name)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ModelFileError, match="is a file, not a model directory"):
+        load_model(tmp_path / "file.txt")
+
+
+def test_cli_missing_model_exits_2_before_loading(fp16_dir, capsys):
+    argv = ["edit", "--model", str(fp16_dir / "nope"), "--requests", str(fp16_dir / "requests.json"),
+            "--hparams", str(fp16_dir / "hparams.json"), "--out", str(fp16_dir / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"model directory {fp16_dir / 'nope'} does not exist" in err and err.count("\n") == 1
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    with pytest.raises(ModelFileError, match="HF_HUB_OFFLINE.*download it first"):
+        load_model("alphaedit-fast-tests/no-such-model")
+    assert main(["stats", "--model", "no-such-model", "--corpus", "c.txt", "--layers", "1",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model is not a local directory" in err and "Traceback" not in err
+
+
+def test_cached_hub_model_loads_offline(fp16_dir, tmp_path):
+    """A hub id found in the Hugging Face cache loads with the hub off (in a fresh process: the
+    hub library reads HF_HOME when it is imported)."""
+    snapshot = tmp_path / "hf" / "hub" / "models--alphaedit-fast-tests--tiny" / "snapshots" / ("0" * 40)
+    snapshot.parent.mkdir(parents=True)
+    (fp16_dir / "model").rename(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    code = "from alphaedit_fast.loading import load_model; print(load_model('alphaedit-fast-tests/tiny')[0].dtype)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "torch.float32"
+
+
+def test_device_map_auto_loads_and_edits(fp16_dir):
+    model, _ = load_model(fp16_dir / "model", device_map="auto")
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        load_model(fp16_dir / "model", device="cpu", device_map="auto")
+    common = ["--requests", str(fp16_dir / "requests.json"), "--hparams", str(fp16_dir / "hparams.json")]
+    with pytest.warns(UserWarning, match="projector=None"):
+        assert main(["edit", "--model", str(fp16_dir / "model"), "--device-map", "auto", *common,
+                     "--out", str(fp16_dir / "edited")]) == 0
+    before, after = (load_model(fp16_dir / d)[0].get_submodule("transformer.h.1.mlp.c_proj").weight
+                     for d in ("model", "edited"))
+    assert not torch.equal(before, after)
+    assert main(["edit", "--model", str(fp16_dir / "model"), "--device-map", "auto", "--device", "cpu", *common,
+                 "--out", str(fp16_dir / "edited2")]) == 2
+
+
+def test_bench_user_model_writes_phase_medians(fp16_dir, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(fp16_dir / "cache"))
+    assert main(["bench", "--model", str(fp16_dir / "model"), "--requests", str(fp16_dir / "requests.json"),
+                 "--hparams", str(fp16_dir / "hparams.json"), "--edits", "2", "--repeats", "1"]) == 0
+    result = json.loads((fp16_dir / "cache" / "alphaedit_fast" / "bench" / "edit-model-2-cpu.json").read_text())
+    assert result["model"] == "model" and result["edits"] == 2 and result["dtype"] == "torch.float32"
+    assert list(result["paths"]) == ["fast"]
+    assert {"z", "keys", "solve", "cache update", "total", "edits_per_s"} <= set(result["paths"]["fast"])
+    captured = capsys.readouterr()
+    assert "loading the model" in captured.err and "model fast run 1/1: z " in captured.err
+    assert "3/3 steps" in captured.err and "layer 2: keys" in captured.err and "cache update" in captured.err
+    assert "edits/s" in captured.out and "edit-model-2-cpu.json" in captured.out
+    assert main(["bench", "--model", str(fp16_dir / "model"), "--out", str(fp16_dir)]) == 2
+    assert "needs --requests FILE and --hparams FILE" in capsys.readouterr().err
+
+
+def test_default_bench_out_lies_outside_the_source_tree(monkeypatch, tmp_path):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert default_results_dir() == Path.home() / ".cache" / "alphaedit_fast" / "bench"
+    assert not default_results_dir().resolve().is_relative_to(REPO)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_results_dir() == tmp_path / "alphaedit_fast" / "bench"
