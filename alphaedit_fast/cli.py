@@ -153,11 +153,11 @@ def run_projector(args) -> None:
 STATE_FILE = "editor-state.safetensors"
 
 
-def _load_hparams(path):
-    """An AlphaEdit hparams JSON (the original format)."""
+def _load_hparams(name_or_path):
+    """Hyper-parameters from a JSON (the original format) or EasyEdit YAML file, or a preset name."""
     from .hparams import AlphaEditHyperParams
 
-    return AlphaEditHyperParams.from_json(path)
+    return AlphaEditHyperParams.load(name_or_path)
 
 
 def run_edit_command(args) -> None:
@@ -247,7 +247,6 @@ def run_eval_factworld(args) -> None:
     from .factworld import load_model
     from .factworld.editing import edit_hparams
     from .factworld.evaluate import evaluate_editing, write_report
-    from .hparams import AlphaEditHyperParams
 
     if args.model is not None and not Path(args.model).exists():
         raise ModelFileError(f"model directory {args.model} does not exist")
@@ -255,7 +254,7 @@ def run_eval_factworld(args) -> None:
         model, tok, world = load_model(args.model)
     except FileNotFoundError as err:
         raise ModelFileError(str(err)) from None
-    hparams = AlphaEditHyperParams.load(args.hparams) if args.hparams else edit_hparams(model)
+    hparams = _load_hparams(args.hparams) if args.hparams else edit_hparams(model)
     result = evaluate_editing(
         model, tok, world, n_edits=args.edits or 400, batch_size=args.batch_size or 20,
         batch_sizes=[int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else None,
@@ -346,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         "then score every record with the original's metrics; writes OUT/metrics.json, OUT/cases.jsonl (the "
         "original's per-case layout) and, with --curve, OUT/curve.png. Without --requests: the fact world's "
         "built-in study (factworld-eval.json and .png).")
-    evaluate.add_argument("--model", help="a local model directory or hub id (default: the shipped fact-world model)")
+    add_model_arguments(evaluate, required=False, model_help="a local model directory, hub id org/name or "
+                        "'factworld' (default: the shipped fact-world model)")
     evaluate.add_argument("--requests", help="JSON/JSONL of CounterFact, ZsRE (MEND layout) or EasyEdit records")
     evaluate.add_argument("--hparams", help="hparams JSON/YAML file or preset name (default: the preset matching the "
                           "model)")
@@ -363,10 +363,6 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--curve", action="store_true", help="also score the records edited so far after every "
                           "batch and plot the rates (curve.png)")
     evaluate.add_argument("--no-before", action="store_true", help="do not score the records before editing")
-    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                          help="model dtype (auto: float32 on the CPU, the checkpoint's on a GPU)")
-    evaluate.add_argument("--device", help="device for the model (default: cuda if available, else cpu)")
-    evaluate.add_argument("--device-map", choices=["auto"], help="spread the model over the available devices")
     evaluate.add_argument("--edits", type=int, help="number of records to edit (default: all; fact world: 400)")
     evaluate.add_argument("--batch-size", type=int, help="edits per sequential batch (default: all at once; "
                           "fact world: 20)")

@@ -51,8 +51,9 @@ def hub_offline() -> bool:
 
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None, device_map: str | None = None):
-    """(model in eval mode, tokenizer) from a local directory written by `save_pretrained` or a
-    Hugging Face hub id (`org/name`, through the normal cache: a cached model loads offline).
+    """(model in eval mode, tokenizer) from a local directory written by `save_pretrained`, a
+    Hugging Face hub id (`org/name`, through the normal cache: a cached model loads offline) or
+    'factworld' (the model shipped in the package).
 
     dtype: "auto"/None (fp32 on the CPU, the checkpoint's dtype on a GPU), "float32",
     "bfloat16", "float16" or a torch.dtype. device: default cuda when available, else cpu.
@@ -70,7 +71,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
         raise InvalidArgumentError("device_map='auto' needs accelerate: pip install accelerate")
     device = torch.device(_check_device(device)) if device_map is None else None
     dtype = resolve_dtype(dtype, device or default_device())
-    name = str(name_or_path)
+    name = str(resolve_model_name(name_or_path))
     path = Path(name).expanduser()
     local = path.is_dir()
     if local and not (path / "config.json").is_file():
@@ -92,6 +93,19 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
     if device is not None and not placement:
         model = model.to(device)
     return model.eval(), tok
+
+
+SHIPPED_NAME = "factworld"
+
+
+def resolve_model_name(name_or_path):
+    """`name_or_path`, with the name 'factworld' (when no such local path exists) meaning the
+    fact-world model shipped in the package."""
+    if str(name_or_path) == SHIPPED_NAME and not Path(SHIPPED_NAME).exists():
+        from .factworld import SHIPPED_MODEL
+
+        return SHIPPED_MODEL
+    return name_or_path
 
 
 def _check_device(device) -> str:

@@ -100,15 +100,15 @@ def load_for_editing(model, hparams=None, projector=None, stats=None, context_te
     """`AlphaEditor` arguments from names and files: {"model", "tok", "hparams", "projector",
     "context_templates"}.
 
-    model: a local directory or hub id (`loading.load_model`). projector: a file
+    model: a local directory, hub id or 'factworld' (`loading.load_model`). projector: a file
     (`read_projector`), bases or a dense P, or "identity" for no constraint; stats: a statistics
     file or the original's `.npz` directory, turned into a projector at the hyper-parameters'
     threshold. A fact-world model given neither gets the null space of its own training corpus and
     its own context templates; any other model needs one of them (or projector="identity").
     """
-    from .loading import load_model
+    from .loading import load_model, resolve_model_name
 
-    source = model
+    source = resolve_model_name(model)
     model, tok = load_model(source, dtype=dtype, device=device, device_map=device_map)
     hparams = resolve_hparams(hparams, model)
     factworld = is_factworld_model(source)
