@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 COMPAT_VENV ?= .venv-tf446
 COMPAT_TRANSFORMERS ?= transformers==4.46.*
-ENGINE_TESTS := tests/test_engine.py tests/test_positions.py tests/test_arch.py tests/test_templates.py tests/test_bad_input.py tests/test_suffix.py tests/test_keys.py
+ENGINE_TESTS := tests/test_engine.py tests/test_positions.py tests/test_arch.py tests/test_templates.py tests/test_bad_input.py tests/test_suffix.py tests/test_keys.py tests/test_evaluation.py tests/test_eval_cli.py tests/test_loading.py tests/test_hparams.py
 
 .PHONY: install demo eval test lint bench test-compat ci clean
 

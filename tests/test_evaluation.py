@@ -268,3 +268,10 @@ def test_edit_prompts_refuses_bad_arguments_before_editing(kwargs, message):
 def test_cases_from_lists_accepts_single_strings():
     (case,) = cases_from_lists("Toko Yasuda plays the", "Toko Yasuda", "piano", rephrase_prompts="Toko Yasuda, the")
     assert case["paraphrase_prompts"] == ["Toko Yasuda, the"]
+
+
+def test_an_empty_null_space_warns_that_edits_change_nothing():
+    model, tok = tiny_model("gpt2"), tiny_tokenizer_for("gpt2")
+    with pytest.warns(UserWarning, match=r"layer\(s\) \[2\] is empty"):
+        AlphaEditor(model, tok, test_hparams(model), projector=[torch.eye(160), torch.zeros(160, 0)],
+                    context_templates=CONTEXT_TEMPLATES)

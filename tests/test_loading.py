@@ -90,6 +90,7 @@ def test_cached_hub_model_loads_offline(fp16_dir, tmp_path):
 
 
 def test_device_map_auto_loads_and_edits(fp16_dir):
+    pytest.importorskip("accelerate")
     model, _ = load_model(fp16_dir / "model", device_map="auto")
     assert model.dtype == torch.float32 and model.device.type == "cpu"
     with pytest.raises(InvalidArgumentError, match="not both"):

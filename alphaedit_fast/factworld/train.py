@@ -13,6 +13,17 @@ import torch
 from .world import build_world, training_texts
 
 
+def portable_tokenizer_config(directory: Path) -> None:
+    """Name the tokenizer class transformers 4.4x also knows: 5.x writes `TokenizersBackend`,
+    which 4.4x cannot load; `PreTrainedTokenizerFast` reads the same tokenizer.json in both."""
+    path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("backend", "is_local", "local_files_only"):
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def train_tokenizer(texts, vocab_size=1024):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -109,6 +120,7 @@ def train(out, seed=0, n_subjects=500, eval_every=0, hidden=128, layers=6, vocab
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
+        portable_tokenizer_config(out)
         (out / "factworld.json").write_text(json.dumps(stats, indent=1))
     log(json.dumps(stats))
     return model, tok, world, stats
