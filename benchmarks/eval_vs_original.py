@@ -78,6 +78,7 @@ from vs_original import (  # noqa: E402
     hparams_dict,
     import_original,
     load_tokenizer,
+    parse_with_overrides,
 )
 
 SECTIONS = ("rewrite", "paraphrase", "neighborhood")
@@ -487,16 +488,7 @@ def main():
     ap.add_argument("--tol", type=float, default=1e-3, help="the largest |NLL difference| that passes")
     ap.add_argument("--out", default=str(HERE / "results" / "eval-vs-original.json"))
     ap.add_argument("--verbose", action="store_true", help="show the original's prints")
-    for key, typ in (("v_num_grad_steps", int), ("clamp_norm_factor", float), ("v_lr", float),
-                     ("kl_factor", float), ("L2", float)):
-        ap.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None,
-                        help=f"override the gpt2-xl.json value of {key}")
-    args = ap.parse_args()
-    if args.layers is None:
-        args.layers = [3, 4, 5, 6] if args.n_layer >= 8 else list(range(1, max(args.n_layer - 1, 2)))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    assert max(args.layers) < args.n_layer
+    args = parse_with_overrides(ap)
 
     import transformers
 

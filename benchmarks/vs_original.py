@@ -199,6 +199,22 @@ def rel(a, b):
 # --------------------------------------------------------------------------------------------
 
 
+def parse_with_overrides(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, with --v-num-grad-steps, --clamp-norm-factor, --v-lr, --kl-factor and --L2 overriding
+    gpt2-xl.json; default layers for the model's depth; set the thread count."""
+    for key, typ in (("v_num_grad_steps", int), ("clamp_norm_factor", float), ("v_lr", float),
+                     ("kl_factor", float), ("L2", float)):
+        ap.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None,
+                        help=f"override the gpt2-xl.json value of {key}")
+    args = ap.parse_args()
+    if args.layers is None:
+        args.layers = [3, 4, 5, 6] if args.n_layer >= 8 else list(range(1, max(args.n_layer - 1, 2)))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    assert max(args.layers) < args.n_layer
+    return args
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-layer", type=int, default=10)
@@ -219,16 +235,7 @@ def main():
     ap.add_argument("--verbose", action="store_true", help="show the original's prints")
     ap.add_argument("--save-updates", default=None,
                     help="torch.save the first run's weight updates, new cache_c and z's of each code to this path")
-    for key, typ in (("v_num_grad_steps", int), ("clamp_norm_factor", float), ("v_lr", float),
-                     ("kl_factor", float), ("L2", float)):
-        ap.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None,
-                        help=f"override the gpt2-xl.json value of {key}")
-    args = ap.parse_args()
-    if args.layers is None:
-        args.layers = [3, 4, 5, 6] if args.n_layer >= 8 else list(range(1, max(args.n_layer - 1, 2)))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    assert max(args.layers) < args.n_layer
+    args = parse_with_overrides(ap)
 
     import transformers
 

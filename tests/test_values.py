@@ -213,4 +213,5 @@ def test_z_progress_bar_shows_steps_and_loss_and_changes_nothing(capfd):
     assert torch.equal(quiet, shown)
     err = capfd.readouterr().err
     assert "z 1/2" in err and "z 2/2" in err  # one bar per micro-batch of requests
-    assert "4/4 steps" in err and "loss " in err and "active 2/2" in err and "active 0/1" in err
+    # tqdm redraws at most every 0.1 s, so only the final state of each bar is sure to be shown
+    assert "4/4 steps" in err and "loss " in err and "active 0/2" in err and "active 0/1" in err
