@@ -1,0 +1,6 @@
+"""Drop-in acceleration of existing AlphaEdit code: `patch_original()` (the original repository)
+and `patch_easyedit()` (EasyEdit) make their unchanged code run on alphaedit_fast."""
+
+from .patching import IntegrationError, Patch
+
+__all__ = ["IntegrationError", "Patch"]
