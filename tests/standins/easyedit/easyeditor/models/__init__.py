@@ -1,0 +1,1 @@
+from .alphaedit import *  # noqa: F401,F403

@@ -1,0 +1,1 @@
+from .AlphaEdit_main import AlphaEditHyperParams, apply_AlphaEdit_to_model  # noqa: F401
