@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.machinery
 import os
 import sys
 import types
@@ -46,7 +47,10 @@ def standins(monkeypatch):
         loads.append((name, config))
         return {"train": list(TEXTS)}
 
+    import transformers  # noqa: F401 - it probes for `datasets` when imported: before the fake
+
     fake = types.ModuleType("datasets")
+    fake.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
     fake.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, "datasets", fake)
     monkeypatch.syspath_prepend(str(STANDINS))
