@@ -263,6 +263,25 @@ def test_statistics_layers_argument_and_force_recompute(standins, tmp_path):
                                   sample_size=50, precision="float64", force_recompute=True)
     assert patch.state["passes"] == 2 and again.mom2.count == stat.mom2.count
     assert len(files) == len(list((tmp_path / "tiny-gpt2" / "wikitext_stats").iterdir()))
+    # an hparams argument widens the set; layers whose file exists are not recomputed
+    directory = tmp_path / "tiny-gpt2" / "wikitext_stats"
+    before = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
+    hp = {"layers": [0, 1, 2], "rewrite_module_tmp": "transformer.h.{}.mlp.c_proj"}
+    layer1 = stats_mod.layer_stats(model, tok, "transformer.h.1.mlp.c_proj", tmp_path, "wikitext", ["mom2"],
+                                   sample_size=50, precision="float64", hparams=hp)
+    assert patch.state["passes"] == 3 and layer1.mom2.count == stat.mom2.count
+    after = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
+    assert set(after) - set(before) == {"transformer.h.1.mlp.c_proj_float64_mom2_50.npz"}
+    assert all(after[name] == t for name, t in before.items())
+    # sample_size=None: every text, in order; None is stored as the original's loader expects
+    full = stats_mod.layer_stats(model, tok, "transformer.h.1.mlp.c_proj", tmp_path, "wikitext", ["mom2"],
+                                 precision="float32", hparams=hp)
+    assert patch.state["passes"] == 4 and full.mom2.count > stat.mom2.count
+    patch.undo()
+    import util.runningstats as running
+
+    path = directory / "transformer.h.0.mlp.c_proj_float32_mom2.npz"
+    assert running.load_cached_state(path, {"sample_size": None})["mom2.count"] == full.mom2.count
 
 
 def test_sequential_evaluate_flow_matches_the_standin(standins, tmp_path):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,7 @@ def patch_original(layers: list[int] | None = None) -> Patch:
             if stat is not None:
                 return stat
             names = [n for n in edited_layer_names(layer_name, hparams, patch) if n == layer_name
-                     or spec.load(running, n) is None]
+                     or not spec.has(n)]
         else:  # the original then neither reads nor writes the file
             names = [layer_name]
         dataset = stats_mod.load_dataset(ds_name, DATASET_CONFIGS[ds_name])["train"]
@@ -267,6 +268,18 @@ class StatsSpec:
         stat = running.CombinedStat(mom2=running.SecondMoment())
         stat.load_state_dict(state)
         return stat
+
+    def has(self, layer_name: str) -> bool:
+        """Whether the layer's file exists for this sample_size; reads only that entry (the
+        original's loader would read the whole d_k x d_k matrix)."""
+        try:
+            with np.load(self.path(layer_name), allow_pickle=False) as data:
+                stored = data["sample_size"]
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+            return False
+        if self.sample_size is None:
+            return stored.ndim == 0 and stored.dtype.kind == "f" and bool(np.isnan(stored))
+        return stored.ndim == 0 and stored.dtype.kind in "iuf" and stored == self.sample_size
 
     def stat(self, running, total: torch.Tensor, count: int):
         stat = running.CombinedStat(mom2=running.SecondMoment())
