@@ -212,16 +212,13 @@ def collect_statistics(model, tok, corpus: str | Path, layers: list[int], rewrit
             sums[l].copy_(tensors[f"layer.{l}.sum"])
         count, start = meta["count"], meta["next_batch"]
 
-    device = model.get_input_embeddings().weight.device
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="stats", disable=not progress or rank != 0)
     with frozen(model):
         for index, batch in enumerate(token_batches(tok, iter_documents(corpus, text_field), max_length,
                                                     batch_tokens, max_tokens)):
             tokens, batches = sum(map(len, batch)), index + 1
             if index >= start and index % world == rank:
-                input_ids, mask = pad_right(batch, pad_token_id(tok), device)
-                readers = {name: _accumulate(sums[l], mask) for name, l in zip(names, layers)}
-                read_modules(model, input_ids, mask, readers)
+                add_batch_moments(model, batch, pad_token_id(tok), {name: sums[l] for name, l in zip(names, layers)})
                 count, processed = count + tokens, processed + 1
                 if partial is not None and processed % checkpoint_every == 0:
                     _save_partial(partial, sums, count, batches, metadata)
@@ -242,6 +239,15 @@ def collect_statistics(model, tok, corpus: str | Path, layers: list[int], rewrit
     for l in layers:
         require_finite(sums[l], f"statistics of layer {l}")
     return KeyStatistics(sums, count, {**metadata, "count": count})
+
+
+def add_batch_moments(model, batch: list[list[int]], pad_id: int, sums: dict[str, torch.Tensor]) -> int:
+    """One truncated forward pass over `batch` (token lists, right-padded here) adding k k^T of
+    the real tokens' inputs of every module `name` to `sums[name]`; returns the token count.
+    Used by `collect_statistics` and by `integrations.patch_original` (the original's corpus)."""
+    input_ids, mask = pad_right(batch, pad_id, model.get_input_embeddings().weight.device)
+    read_modules(model, input_ids, mask, {name: _accumulate(acc, mask) for name, acc in sums.items()})
+    return sum(map(len, batch))
 
 
 def _accumulate(acc: torch.Tensor, mask: torch.Tensor):

@@ -1,0 +1,3 @@
+from pathlib import Path
+
+STATS_DIR = Path("data/stats")

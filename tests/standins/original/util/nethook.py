@@ -1,0 +1,2 @@
+def get_parameter(model, name):
+    return dict(model.named_parameters())[name]
