@@ -246,11 +246,12 @@ def add_batch_moments(model, batch: list[list[int]], pad_id: int, sums: dict[str
     the real tokens' inputs of every module `name` to `sums[name]`; returns the token count.
     Used by `collect_statistics` and by `integrations.patch_original` (the original's corpus)."""
     input_ids, mask = pad_right(batch, pad_id, model.get_input_embeddings().weight.device)
-    read_modules(model, input_ids, mask, {name: _accumulate(acc, mask) for name, acc in sums.items()})
+    read_modules(model, input_ids, mask, {name: second_moment_reader(acc, mask) for name, acc in sums.items()})
     return sum(map(len, batch))
 
 
-def _accumulate(acc: torch.Tensor, mask: torch.Tensor):
+def second_moment_reader(acc: torch.Tensor, mask: torch.Tensor):
+    """A `read_modules` reader adding k k^T of the real tokens' (mask (batch, seq)) inputs to acc (d, d)."""
     def reader(x, output):
         rows = x[mask.to(x.device).bool()]  # real tokens only
         second_moment_update_(acc, rows)

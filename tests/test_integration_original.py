@@ -356,3 +356,26 @@ def test_real_original_patched_matches_unpatched(monkeypatch):
             assert ((a - b).norm() / (b - base.get_submodule(name).weight).norm()).item() < 1e-3
     finally:
         _drop_standin_modules()
+
+
+def test_counterfact_scoring_runs_on_ours_with_the_original_layout(standins):
+    from alphaedit_fast.integrations import patch_original
+
+    model, tok = gpt2()
+    record = {"requested_rewrite": {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": {"str": "piano"},
+                                    "target_true": {"str": "guitar"}},
+              "paraphrase_prompts": ["I b. Toko Yasuda plays the"],
+              "neighborhood_prompts": ["Michel Denisot plays the"]}
+    import experiments.py.eval_utils_counterfact as ev
+
+    expected = ev.compute_rewrite_quality_counterfact(model, tok, record)
+    spy().clear()
+    patch_original()
+    got = ev.compute_rewrite_quality_counterfact(model, tok, record)  # the stand-in's caller, our scoring
+    assert "test_batch_prediction" not in spy()
+    for key, value in expected.items():
+        if key.endswith("_correct"):
+            assert got[key] == value
+        else:
+            for a, b in zip(got[key], value):
+                assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)

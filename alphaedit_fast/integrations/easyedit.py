@@ -32,7 +32,7 @@ from ..arch import get_module, key_width
 from ..editor import apply_AlphaEdit_to_model as fast_apply
 from ..keys import compute_keys
 from ..requests import normalize_request, normalize_requests
-from ..stats import _accumulate
+from ..stats import second_moment_reader
 from ..trace import read_modules
 from ..validation import as_hparams, check_context_templates
 from ..values import optimise_zs
@@ -293,7 +293,7 @@ def second_moments(model, tok, layer_names, stats_dir, ds_name, sample_size=None
             for batch in batch_group:
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 mask = batch["attention_mask"]
-                read_modules(model, batch["input_ids"], mask, {n: _accumulate(sums[n], mask) for n in todo})
+                read_modules(model, batch["input_ids"], mask, {n: second_moment_reader(sums[n], mask) for n in todo})
                 count += int(mask.bool().sum())
     for name in todo:
         out[name] = (sums[name].cpu(), count)

@@ -13,6 +13,9 @@ Replaced, in their modules and wherever they were already imported by name (e.g.
   `CONTEXT_TEMPLATES_CACHE` both ways (set: used by our editing; None: ours generates and stores
   the result there, so the original's later code sees the same templates);
 * `AlphaEdit.compute_z.compute_z`, `AlphaEdit.compute_ks.compute_ks`: ours;
+* `experiments.py.eval_utils_counterfact.test_batch_prediction` (when that module imports: it
+  needs nltk, scipy and scikit-learn): the CounterFact scores of `evaluation.score_targets`, one
+  batched pass with the LM head applied only where a target token is predicted, same return layout;
 * `AlphaEdit.AlphaEdit_main.get_cov` and `rome.layer_stats.layer_stats`: the first statistics
   wanted for a layer compute those of every edited layer in ONE pass over the same texts the
   original reads (see `original_batches`), and write each layer's `.npz` where and as the
@@ -28,6 +31,7 @@ recomputed.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import random
 import zipfile
@@ -39,6 +43,7 @@ import torch
 
 from ..editor import apply_AlphaEdit_to_model as fast_apply
 from ..editor import save_npz_atomically
+from ..evaluation import score_targets
 from ..keys import compute_ks as fast_compute_ks
 from ..modelstate import frozen
 from ..positions import pad_token_id
@@ -49,6 +54,7 @@ from ..values import compute_z as fast_compute_z
 from .patching import IntegrationError, Patch, active_patch, import_module, register
 
 NAME = "original"
+EVAL_MODULE = "experiments.py.eval_utils_counterfact"
 MODULES = ("AlphaEdit.AlphaEdit_main", "AlphaEdit.compute_z", "AlphaEdit.compute_ks", "rome.layer_stats",
            "util.runningstats")
 HINT = ("put the root of an AlphaEdit checkout (github jianghoucheng/AlphaEdit) on sys.path or PYTHONPATH, "
@@ -148,8 +154,17 @@ def patch_original(layers: list[int] | None = None) -> Patch:
                 spec.save(running, name, stat)
         return stats[layer_name]
 
+    def test_batch_prediction(model, tok, prefixes, which_correct, target_new, target_true):
+        scores = score_targets(model, tok, [p for p in prefixes for _ in (0, 1)],
+                               [t for _ in prefixes for t in (target_new, target_true)])
+        probs = [{"target_new": scores[2 * i][0], "target_true": scores[2 * i + 1][0]} for i in range(len(prefixes))]
+        return probs, [all(scores[2 * i + int(right)][1]) for i, right in enumerate(which_correct)]
+
     register(patch)
     try:
+        counterfact_eval = _optional_module(EVAL_MODULE)
+        if counterfact_eval is not None and hasattr(counterfact_eval, "test_batch_prediction"):
+            patch.replace_function(counterfact_eval, "test_batch_prediction", test_batch_prediction)
         patch.replace_function(main, "get_context_templates", get_context_templates)
         patch.replace_function(main, "apply_AlphaEdit_to_model", apply_AlphaEdit_to_model)
         patch.replace_function(main, "get_cov", get_cov)
@@ -160,6 +175,14 @@ def patch_original(layers: list[int] | None = None) -> Patch:
         patch.undo()
         raise
     return patch
+
+
+def _optional_module(name: str):
+    """`name` imported, or None when it (or what it imports) is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
