@@ -254,8 +254,11 @@ def test_real_easyedit_unpatched_vs_patched(tmp_path, monkeypatch):
         main = pytest.importorskip("easyeditor.models.alphaedit.AlphaEdit_main", reason="EasyEdit does not import")
         model, tok = tiny_model("llama"), tiny_tokenizer_for("llama")
         model.config._name_or_path = "tiny-llama"
+        # EasyEdit moves tensors to hparams.device (an int means cuda:N): the CPU where there is no GPU
+        device = 0 if torch.cuda.is_available() else "cpu"
+        model.to(f"cuda:{device}" if device == 0 else "cpu")
         hparams = main.AlphaEditHyperParams.from_hparams(write_yaml(tmp_path, model, "llama",
-                                                                    model_name="tiny-llama"))
+                                                                    model_name="tiny-llama", device=device))
         P = torch.eye(160).repeat(len(hparams.layers), 1, 1)
         torch.save(P, hparams.P_loc)
         main.CONTEXT_TEMPLATES_CACHE = [["{}"], ["The a. {}", "I b. {}"]]
@@ -273,6 +276,57 @@ def test_real_easyedit_unpatched_vs_patched(tmp_path, monkeypatch):
             assert ((w - before[i]) - ref_upd).norm() / ref_upd.norm() < rtol
         assert (main.cache_c - ref_cache).norm() / ref_cache.norm() < rtol
         patch.undo()
+    finally:
+        if active_patch("easyedit") is not None:
+            active_patch("easyedit").undo()
+        _forget_easyedit()
+
+
+@pytest.mark.skipif(not os.environ.get("ALPHAEDIT_EASYEDIT_REPO"), reason="set ALPHAEDIT_EASYEDIT_REPO to a checkout")
+def test_real_easyedit_statistics_and_P(tmp_path, monkeypatch):
+    """EasyEdit's own get_project / layer_stats against the patched ones: the same P, the same stats
+    files (names, keys, counts, moments), and each side reads the other's files without a pass."""
+    repo = os.environ["ALPHAEDIT_EASYEDIT_REPO"]
+    monkeypatch.syspath_prepend(repo)
+    _forget_easyedit()
+    try:
+        main = pytest.importorskip("easyeditor.models.alphaedit.AlphaEdit_main", reason="EasyEdit does not import")
+        ls = sys.modules["easyeditor.models.rome.layer_stats"]
+        monkeypatch.setattr(ls, "load_dataset", fake_load_dataset)
+        model, tok = tiny_model("llama"), tiny_tokenizer_for("llama")
+        model.config._name_or_path = "hub/tiny-llama"
+        device = 0 if torch.cuda.is_available() else "cpu"
+        model.to(f"cuda:{device}" if device == 0 else "cpu")
+        dirs = {side: tmp_path / side for side in ("easyedit", "patched")}
+        hp = {}
+        for side, d in dirs.items():
+            d.mkdir()
+            hp[side] = main.AlphaEditHyperParams.from_hparams(write_yaml(d, model, "llama", device=device))
+
+        def projectors(hparams):
+            main.COV_CACHE.clear()
+            return torch.stack([main.get_project(model, tok, layer, hparams).cpu() for layer in hparams.layers])
+
+        ref_P = projectors(hp["easyedit"])
+        patch = patch_easyedit()
+        P = projectors(hp["patched"])
+        torch.testing.assert_close(P, ref_P, atol=1e-4, rtol=0)
+        files = {side: sorted(p.relative_to(d) for p in d.rglob("*.npz")) for side, d in dirs.items()}
+        assert files["patched"] == files["easyedit"] and len(files["easyedit"]) == len(hp["easyedit"].layers)
+        for f in files["easyedit"]:
+            with np.load(dirs["easyedit"] / f) as old, np.load(dirs["patched"] / f) as new:
+                assert sorted(new.keys()) == sorted(old.keys())
+                assert int(new["mom2.count"]) == int(old["mom2.count"])
+                torch.testing.assert_close(torch.from_numpy(new["mom2.mom2"]), torch.from_numpy(old["mom2.mom2"]),
+                                           rtol=1e-5, atol=1e-3)
+
+        def no_pass(*args, **kwargs):
+            raise AssertionError("a statistics pass where the files exist")
+
+        monkeypatch.setattr(ls, "load_dataset", no_pass)
+        torch.testing.assert_close(projectors(hp["easyedit"]), ref_P, atol=1e-4, rtol=0)  # patched reads EasyEdit's
+        patch.undo()
+        torch.testing.assert_close(projectors(hp["patched"]), ref_P, atol=1e-4, rtol=0)  # EasyEdit reads ours
     finally:
         if active_patch("easyedit") is not None:
             active_patch("easyedit").undo()
