@@ -165,25 +165,29 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
     return updates
 
 
-# id(P) -> (weak reference to P, P's in-place version, bases or _SEEN_ONCE); tensors cannot be
-# dict keys by value
-_FACTORED: dict[int, tuple[weakref.ref, int, list[torch.Tensor] | None | str]] = {}
-_SEEN_ONCE = "seen once"
+# id(P) -> (weak reference to P, P's in-place version, bases or the number of dense calls so far);
+# tensors cannot be dict keys by value
+_FACTORED: dict[int, tuple[weakref.ref, int, list[torch.Tensor] | None | int]] = {}
+DENSE_CALLS_BEFORE_FACTORING = 3
 
 
 def factored_projector(P: torch.Tensor, devices: list[torch.device]) -> list[torch.Tensor] | None:
     """U per layer with U U^T = P[i], on each layer's device, or None: solve densely.
 
-    Factoring costs about three dense solves (d_k = 3072 on 2 CPU cores: 1.7 s against 0.55 s
-    per layer), so the first call with a P tensor gets None and solves as the original does; a
-    second call with the same tensor, unchanged in place, factors it, and later calls reuse the
-    factors. None also when some P[i] is not an orthogonal projector."""
+    Factoring costs about three dense solves at d_k = 3072 (2 CPU cores: 1.7 s against 0.55 s
+    per layer) and up to ten at d_k = 1024, so a P is factored only once it has paid that much in
+    dense solves: the first DENSE_CALLS_BEFORE_FACTORING calls with a P tensor get None and
+    solve as the original does; the next call with the same tensor, unchanged in place, factors
+    it, and later calls reuse the factors. None also when some P[i] is not an orthogonal projector."""
     key = id(P)
     ref, version, cached = _FACTORED.get(key, (None, None, None))
     if ref is None or ref() is not P or version != P._version:
-        _FACTORED[key] = (weakref.ref(P, lambda _: _FACTORED.pop(key, None)), P._version, _SEEN_ONCE)
-        return None
-    if cached is not _SEEN_ONCE:
+        ref, version, cached = weakref.ref(P, lambda _: _FACTORED.pop(key, None)), P._version, 0
+    if isinstance(cached, int):
+        if cached < DENSE_CALLS_BEFORE_FACTORING:
+            _FACTORED[key] = (ref, version, cached + 1)
+            return None
+    else:
         return cached
     bases: list[torch.Tensor] | None = []
     for layer_P, device in zip(P, devices):
@@ -208,10 +212,10 @@ def apply_AlphaEdit_to_model(  # noqa: N802 - the original's name
     P, cache_c: (len(layers), d_k, d_k) tensors, arrays or nested lists, as the original expects
     (P=None: no null-space constraint; cache_c=None: zeros); P must be a symmetric idempotent
     projector U0 U0^T, as the original's always is. `solver="auto"` solves as the original on the
-    first call with a P tensor and in the null space from the second (P's factors are cached per
-    tensor, see `factored_projector`; a zero cache_c then needs only an n x n solve,
-    `solve.zero_cache_update`); `solver="dense"` always uses the original's dense form. Neither they nor
-    `requests` are modified: the new cache is returned. Everything is validated before the first
+    first DENSE_CALLS_BEFORE_FACTORING calls with a P tensor (a zero cache_c needs only an n x n
+    solve, `solve.zero_cache_update`) and in the null space from the next one on (P's factors are
+    cached per tensor, see `factored_projector`); `solver="dense"` always uses the original's dense
+    form. Neither they nor `requests` are modified: the new cache is returned. Everything is validated before the first
     weight changes, and if anything fails part-way every weight is restored. `options`:
     z_batch_size, progress, timings (see `run_edit`). For many sequential batches use
     `AlphaEditor`, which keeps a factored projector on the device and solves in the null space.

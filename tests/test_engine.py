@@ -229,9 +229,12 @@ def test_failure_mid_edit_restores_every_weight(monkeypatch, requests_, solver, 
         return upd if len(calls) == 1 else upd * float("nan")  # the second layer's solve fails
 
     P = identity_projector(hparams)
-    if solver == "auto":  # the first call with a P solves densely; the next one factors P
-        apply_AlphaEdit_to_model(copy.deepcopy(model), tok, requests_, hparams, P=P,
-                                 context_templates=CONTEXT_TEMPLATES)
+    if solver == "auto":  # the first calls with a P solve densely; the next one factors P
+        from alphaedit_fast.editor import DENSE_CALLS_BEFORE_FACTORING
+
+        for _ in range(DENSE_CALLS_BEFORE_FACTORING):
+            apply_AlphaEdit_to_model(copy.deepcopy(model), tok, requests_, hparams, P=P,
+                                     context_templates=CONTEXT_TEMPLATES)
     monkeypatch.setattr(solve, solve_function, update_then_nan)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(NonFiniteError, match="layer 2"):
@@ -286,8 +289,8 @@ def test_one_token_subject_after_a_space_edits(family):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_null_space_solve_of_the_original_api_matches_dense(family, requests_, monkeypatch):
-    """solver="auto" solves the first call with a P densely, then factors P = U U^T once and
-    solves in the null space: the same updates as the original's dense form."""
+    """solver="auto" solves the first DENSE_CALLS_BEFORE_FACTORING calls with a P densely, then
+    factors P = U U^T once and solves in the null space: the same updates as the original's dense form."""
     from alphaedit_fast import editor
     from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
 
@@ -301,14 +304,16 @@ def test_null_space_solve_of_the_original_api_matches_dense(family, requests_, m
     rtol = edit_rtol(model, tok, requests_, hparams)
     dense_model = copy.deepcopy(model)
     cache_auto = cache_dense = None
-    for index, batch in enumerate([r] for r in requests_):
+    batches = [[r] for r in requests_ * 2]
+    for index, batch in enumerate(batches):
         _, cache_auto = apply_AlphaEdit_to_model(model, tok, batch, hparams, cache_c=cache_auto, P=P,
                                                  context_templates=CONTEXT_TEMPLATES)
         _, cache_dense = apply_AlphaEdit_to_model(dense_model, tok, batch, hparams, cache_c=cache_dense, P=P,
                                                   context_templates=CONTEXT_TEMPLATES, solver="dense")
-        # the first call solves densely (factoring costs more than one dense solve), the second factors
-        assert len(factorisations) == (0 if index == 0 else len(hparams.layers))
-    assert len(requests_) >= 3  # so that a call reuses the factors
+        # the first calls solve densely (factoring costs several dense solves), the next one factors
+        factored = index >= editor.DENSE_CALLS_BEFORE_FACTORING
+        assert len(factorisations) == (len(hparams.layers) if factored else 0)
+    assert len(batches) >= editor.DENSE_CALLS_BEFORE_FACTORING + 2  # so that a call reuses the factors
     for a, b in zip(rewrite_weights(model, hparams), rewrite_weights(dense_model, hparams)):
         assert (a - b).norm() / b.norm() < rtol
     assert (cache_auto - cache_dense).norm() / cache_dense.norm() < rtol
