@@ -12,6 +12,7 @@ import torch
 from .errors import InvalidArgumentError
 from .hparams import AlphaEditHyperParams
 from .storage import StatsFileError
+from .validation import as_hparams
 
 
 def is_factworld_model(path) -> bool:
@@ -20,15 +21,13 @@ def is_factworld_model(path) -> bool:
 
 
 def resolve_hparams(hparams, model) -> AlphaEditHyperParams:
-    """`hparams` as hyper-parameters: an object, a dict, a file path or preset name
-    (`AlphaEditHyperParams.load`), or None for the preset matching `model` (`for_model`)."""
-    if isinstance(hparams, AlphaEditHyperParams):
-        return hparams
-    if isinstance(hparams, dict):
-        return AlphaEditHyperParams.from_dict(hparams)
+    """`hparams` as hyper-parameters: a file path or preset name (`AlphaEditHyperParams.load`),
+    None for the preset matching `model` (`for_model`), or an object or dict (`as_hparams`)."""
     if hparams is None:
         return AlphaEditHyperParams.for_model(model)
-    return AlphaEditHyperParams.load(hparams)
+    if isinstance(hparams, (str, Path)):
+        return AlphaEditHyperParams.load(hparams)
+    return as_hparams(hparams)
 
 
 def read_projector(path, model, hparams: AlphaEditHyperParams, allow_foreign: bool = False):

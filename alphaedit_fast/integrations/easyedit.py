@@ -133,10 +133,6 @@ def original_requests(requests) -> list[dict]:
     return normalize_requests(out)
 
 
-def _hparams(hparams):
-    return as_hparams(hparams)
-
-
 def _edited_modules(model, hparams):
     names = [hparams.rewrite_module_tmp.format(layer) for layer in hparams.layers]
     return {f"{name}.weight": get_module(model, name) for name in names}
@@ -166,7 +162,7 @@ def _ensure_P_and_cache(main, model, tok, hparams) -> None:
 
 def _edit_in_place(main, model, tok, requests, hparams, cache_template) -> None:
     """Edit `model` with our engine on the globals P and cache_c; cache_c grows in place."""
-    fast_hparams = _hparams(hparams)
+    fast_hparams = as_hparams(hparams)
     context_templates = check_context_templates(main.get_context_templates(model, tok))
     _, new_cache = fast_apply(model, tok, original_requests(requests), fast_hparams, cache_template=cache_template,
                               cache_c=main.cache_c, P=main.P, context_templates=context_templates)
@@ -213,7 +209,7 @@ def execute_easyedit(main, model, tok, requests, hparams, cache_template=None):
 def compute_z(model, tok, request, hparams, layer, context_templates):
     """EasyEdit's compute_z: the target output z (d_model,) of block `layer` for one request (its
     prompt holding '{}', as execute_AlphaEdit passes it), on that block's device."""
-    fast_hparams = _hparams(hparams)
+    fast_hparams = as_hparams(hparams)
     request = normalize_request(dict(request))
     z = optimise_zs(model, tok, [request], fast_hparams, layer, check_context_templates(context_templates))[0]
     device = next(get_module(model, fast_hparams.layer_module_tmp.format(layer)).parameters()).device
@@ -222,7 +218,7 @@ def compute_z(model, tok, request, hparams, layer, context_templates):
 
 def compute_ks(model, tok, requests, hparams, layer, context_templates):
     """EasyEdit's compute_ks: (n, d_k) keys of `layer` averaged over each context group, then the groups."""
-    fast_hparams = _hparams(hparams)
+    fast_hparams = as_hparams(hparams)
     requests = normalize_requests([dict(r) for r in requests])
     (keys,), _ = compute_keys(model, tok, requests, fast_hparams, [layer], check_context_templates(context_templates))
     return keys
