@@ -75,6 +75,7 @@ sys.path.insert(0, str(HERE))
 from vs_original import (  # noqa: E402
     ORIG_DIR,
     CudaToCpu,
+    add_model_arguments,
     hparams_dict,
     import_original,
     load_tokenizer,
@@ -467,25 +468,24 @@ def nll_sensitivity(posts):
 # --------------------------------------------------------------------------------------------
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-layer", type=int, default=8)
-    ap.add_argument("--width", type=int, default=256, help="n_embd")
-    ap.add_argument("--inner", type=int, default=None, help="n_inner (default 4*width)")
-    ap.add_argument("--heads", type=int, default=None, help="n_head (default width/64)")
-    ap.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                    help="edited layers, comma-separated (default 3,4,5,6, or 1..n_layer-2 for small models)")
+def add_evaluation_arguments(ap: argparse.ArgumentParser, cases: int) -> None:
+    """The model (`add_model_arguments`, 8 x 256), the records, the chunk size, the projector's
+    covariance and the NLL tolerance, shared with patch_original_eval.py."""
+    add_model_arguments(ap, n_layer=8, width=256)
     ap.add_argument("--init-range", type=float, default=0.2, help="the model's initializer_range")
-    ap.add_argument("--cases", type=int, default=24)
+    ap.add_argument("--cases", type=int, default=cases)
     ap.add_argument("--no-greedy-targets", dest="greedy_targets", action="store_false",
                     help="keep every target as written (default: some targets become the unedited model's "
                          "greedy continuation, so that some *_correct flags are True)")
-    ap.add_argument("--batch-size", type=int, default=8, help="edits per sequential chunk")
+    ap.add_argument("--batch-size", type=int, default=8, help="records per sequential chunk (evaluate.py's num_edits)")
     ap.add_argument("--cov-seqs", type=int, default=4, help="random token sequences for the key covariance")
     ap.add_argument("--cov-len", type=int, default=128, help="their length")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tol", type=float, default=1e-3, help="the largest |NLL difference| that passes")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_evaluation_arguments(ap, cases=24)
     ap.add_argument("--out", default=str(HERE / "results" / "eval-vs-original.json"))
     ap.add_argument("--verbose", action="store_true", help="show the original's prints")
     args = parse_with_overrides(ap)

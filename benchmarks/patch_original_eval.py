@@ -70,6 +70,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from eval_vs_original import (  # noqa: E402
+    add_evaluation_arguments,
     add_greedy_targets,
     build_model,
     compare,
@@ -206,21 +207,7 @@ def worker(args, orig_main, OrigHP, compute, stubbed):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-layer", type=int, default=8)
-    ap.add_argument("--width", type=int, default=256, help="n_embd")
-    ap.add_argument("--inner", type=int, default=None, help="n_inner (default 4*width)")
-    ap.add_argument("--heads", type=int, default=None, help="n_head (default width/64)")
-    ap.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                    help="edited layers, comma-separated (default 3,4,5,6)")
-    ap.add_argument("--init-range", type=float, default=0.2, help="the model's initializer_range")
-    ap.add_argument("--cases", type=int, default=16)
-    ap.add_argument("--no-greedy-targets", dest="greedy_targets", action="store_false")
-    ap.add_argument("--batch-size", type=int, default=8, help="records per sequential chunk (evaluate.py's num_edits)")
-    ap.add_argument("--cov-seqs", type=int, default=4)
-    ap.add_argument("--cov-len", type=int, default=128)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--tol", type=float, default=1e-3)
+    add_evaluation_arguments(ap, cases=16)
     ap.add_argument("--min-speedup", type=float, default=10.0)
     ap.add_argument("--tf5-python", default=str(HERE.parent / ".venv" / "bin" / "python"),
                     help="the transformers 5.x interpreter for the worker run ('' to skip it)")

@@ -199,6 +199,19 @@ def rel(a, b):
 # --------------------------------------------------------------------------------------------
 
 
+def add_model_arguments(ap: argparse.ArgumentParser, n_layer: int, width: int) -> None:
+    """The random GPT-2's shape, the edited layers, the seed and the thread count, as
+    `parse_with_overrides` reads them."""
+    ap.add_argument("--n-layer", type=int, default=n_layer)
+    ap.add_argument("--width", type=int, default=width, help="n_embd")
+    ap.add_argument("--inner", type=int, default=None, help="n_inner (default 4*width)")
+    ap.add_argument("--heads", type=int, default=None, help="n_head (default width/64)")
+    ap.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="edited layers, comma-separated (default 3,4,5,6, or 1..n_layer-2 for small models)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+
+
 def parse_with_overrides(ap: argparse.ArgumentParser) -> argparse.Namespace:
     """Parse, with --v-num-grad-steps, --clamp-norm-factor, --v-lr, --kl-factor and --L2 overriding
     gpt2-xl.json; default layers for the model's depth; set the thread count."""
@@ -217,18 +230,11 @@ def parse_with_overrides(ap: argparse.ArgumentParser) -> argparse.Namespace:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-layer", type=int, default=10)
-    ap.add_argument("--width", type=int, default=768, help="n_embd")
-    ap.add_argument("--inner", type=int, default=None, help="n_inner (default 4*width)")
-    ap.add_argument("--heads", type=int, default=None, help="n_head (default width/64)")
-    ap.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                    help="edited layers, comma-separated (default 3,4,5,6, or 1..n_layer-2 for small models)")
+    add_model_arguments(ap, n_layer=10, width=768)
     ap.add_argument("--edits", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--which", choices=["original", "ours", "both"], default="both")
     ap.add_argument("--out", default=str(HERE / "results" / "vs-original.json"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--reuse-P", action="store_true",
                     help="pass the same P tensor object every repeat (ours then factors it once and caches it); "
                          "default: a fresh copy per run, so ours pays for factoring P in every run")
