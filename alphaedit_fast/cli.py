@@ -247,11 +247,13 @@ def run_eval_factworld(args) -> None:
     from .factworld import load_model
     from .factworld.editing import edit_hparams
     from .factworld.evaluate import evaluate_editing, write_report
+    from .loading import resolve_model_name
 
-    if args.model is not None and not Path(args.model).exists():
+    source = resolve_model_name(args.model) if args.model is not None else None
+    if source is not None and not Path(source).exists():
         raise ModelFileError(f"model directory {args.model} does not exist")
     try:
-        model, tok, world = load_model(args.model)
+        model, tok, world = load_model(source)
     except FileNotFoundError as err:
         raise ModelFileError(str(err)) from None
     hparams = _load_hparams(args.hparams) if args.hparams else edit_hparams(model)

@@ -143,8 +143,9 @@ def test_eval_rejects_bad_arguments(shipped):
         evaluate_editing(model, tok, world, n_edits=4, batch_size=2, methods=["memit"])
 
 
-def test_cli_eval(tmp_path, capsys):
-    assert main(["eval", "--edits", "2", "--batch-size", "2", "--methods", "alphaedit", "--modes", "sequential",
-                 "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("model", [[], ["--model", "factworld"]])  # the default, or the shipped model by name
+def test_cli_eval(tmp_path, capsys, model):
+    assert main(["eval", *model, "--edits", "2", "--batch-size", "2", "--methods", "alphaedit", "--modes",
+                 "sequential", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "factworld-eval.png").is_file()
     assert "alphaedit sequential    2 edits" in capsys.readouterr().out
