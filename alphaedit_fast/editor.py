@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .arch import key_width, stores_keys_first
-from .errors import InvalidArgumentError, InvalidRequestError, require_finite
+from .errors import InvalidArgumentError, InvalidRequestError, ShapeError, require_finite
 from .hparams import AlphaEditHyperParams
 from .keys import KeyPasses
 from .modelstate import frozen, restore_on_error
@@ -297,6 +297,10 @@ class AlphaEditor:
         if projector is None:
             warnings.warn("projector=None: editing without a null-space constraint (U = I)", stacklevel=3)
             return [torch.eye(d_k)] * n_layers
+        if isinstance(projector, (str, bytes, os.PathLike)):
+            raise ShapeError(f"projector={str(projector)!r} is a path, but AlphaEditor takes tensors: read the file "
+                             f"with load_projector(path, model), or use AlphaEditor.from_pretrained(..., "
+                             f"projector=path)")
         bases = as_bases(projector, layers, d_k)
         if bases is None:  # a dense P, as the original's
             dense = layer_stack(projector, n_layers, d_k, "P", "identity")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,13 +156,20 @@ PARTIAL_FIELDS = {"count": int, "next_batch": int, "config": dict[str, object]}
 
 def read_original_stats(path: str | Path) -> tuple[torch.Tensor, int]:
     """(E[k k^T], token count) from the original's `layer_stats` `.npz`, without unpickling."""
-    with np.load(path, allow_pickle=False) as data:
-        prefix = "mom2." if "mom2.mom2" in data.files else ""
-        try:
-            total, count = data[prefix + "mom2"], int(data[prefix + "count"])
-        except KeyError:
-            raise StatsFileError(f"{path} holds no second moment ({data.files})") from None
-    cov = torch.from_numpy(np.array(total)) / count
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            prefix = "mom2." if "mom2.mom2" in data.files else ""
+            if prefix + "mom2" not in data.files or prefix + "count" not in data.files:
+                raise StatsFileError(f"{path} holds no second moment (it has {data.files})")
+            total, count = np.array(data[prefix + "mom2"]), int(data[prefix + "count"])
+    except FileNotFoundError:
+        raise StatsFileError(f"{path} does not exist") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        raise StatsFileError(f"{path} is not a readable .npz file (truncated or corrupted: {err})") from None
+    except ValueError as err:  # numpy refuses object (pickled) arrays with allow_pickle=False
+        raise StatsFileError(f"{path} is not a plain numeric .npz file ({err}); it is never unpickled: "
+                             "write it again with the original's layer_stats") from None
+    cov = torch.from_numpy(total) / count
     require_finite(cov, f"statistics in {path}")
     return cov, count
 

@@ -6,6 +6,7 @@ says how to fix it; nothing here modifies its arguments.
 
 from __future__ import annotations
 
+import os
 import unicodedata
 import warnings
 from collections.abc import Mapping, Sequence
@@ -116,7 +117,10 @@ def as_tensor(value: Any, name: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         tensor = value
     else:
-        if isinstance(value, (str, bytes, Mapping)):
+        if isinstance(value, (str, bytes, os.PathLike)):
+            raise ShapeError(f"{name} must be a tensor, numpy array or nested list of numbers, got the path "
+                             f"{str(value)!r}: load the file first")
+        if isinstance(value, Mapping):
             raise ShapeError(f"{name} must be a tensor, numpy array or nested list of numbers, "
                              f"got {type(value).__name__}")
         try:

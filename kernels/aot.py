@@ -53,9 +53,10 @@ def compile_all(arch: int) -> list[str]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (the interpreter replaces kernels)")
     import triton
-    from alphaedit_fast.kernels import gather
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from alphaedit_fast.kernels import gather
 
     known = set(_signatures("fp32"))
     found = {name for name in dir(gather) if name.endswith("_kernel") and name.startswith("_")}

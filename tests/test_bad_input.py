@@ -2,6 +2,7 @@
 
 import copy
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,7 +183,8 @@ def test_editor_takes_every_projector_form():
         (lambda h, u: [2 * u, u], ShapeError, "orthonormal"),
         (lambda h, u: [u, u[:100]], ShapeError, "bases of shape"),
         (lambda h, u: 2 * random_projector(h), ShapeError, "not a symmetric idempotent"),
-        (lambda h, u: "P.pt", ShapeError, "tensor"),
+        (lambda h, u: "proj.safetensors", ShapeError, r"'proj.safetensors' is a path.*load_projector.*from_pretrained"),
+        (lambda h, u: Path("proj.safetensors"), ShapeError, "is a path.*load_projector"),
         (lambda h, u: [u.numpy(), "basis"], ShapeError, "tensor"),
     ],
 )

@@ -18,7 +18,6 @@ pytest.importorskip("triton")
 
 from alphaedit_fast.kernels import gather  # noqa: E402
 from alphaedit_fast.kernels.gather import add_at_positions_triton, gather_segment_mean_triton  # noqa: E402
-
 from alphaedit_fast.ops.ref import add_at_positions_ref, gather_segment_mean_ref  # noqa: E402
 
 from .conftest import gather_tolerance  # noqa: E402

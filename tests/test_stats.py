@@ -136,6 +136,26 @@ def test_reads_the_original_npz_without_pickle(tmp_path):
     torch.testing.assert_close(cov, torch.from_numpy(x.T @ x / 50))
 
 
+def test_unreadable_original_npz_is_a_stats_file_error(tmp_path):
+    x = np.random.default_rng(0).standard_normal((50, 6))
+    good = tmp_path / "orig.npz"
+    np.savez(good, **{"mom2.count": 50, "mom2.mom2": x.T @ x})
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(StatsFileError, match="truncated.npz is not a readable .npz"):
+        read_original_stats(truncated)
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, **{"mom2.count": 50, "mom2.mom2": np.array([x.T @ x, None], dtype=object)})
+    with pytest.raises(StatsFileError, match="pickled.npz is not a plain numeric .npz.*never unpickled"):
+        read_original_stats(pickled)
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, other=np.zeros(3))
+    with pytest.raises(StatsFileError, match="empty.npz holds no second moment"):
+        read_original_stats(empty)
+    with pytest.raises(StatsFileError, match="missing.npz does not exist"):
+        read_original_stats(tmp_path / "missing.npz")
+
+
 def test_bad_corpora(llama, tmp_path):
     model, tok = llama
     bad = tmp_path / "bad.jsonl"
