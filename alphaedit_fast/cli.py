@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -236,8 +237,12 @@ def run_eval_requests(args) -> None:
     metrics.update(model=str(model), requests=str(args.requests), hparams=editor.hparams.to_dict(),
                    context_templates=editor.context_templates, projector=args.projector or args.stats or "corpus",
                    versions=versions())
-    rates = ", ".join(f"{k} {v:.3f}" for k, v in metrics["rates"].items() if v is not None)
-    print(f"after {len(cases)} edits in batches of {metrics['batch_size']}: {rates}")
+    def rates(summary):
+        return ", ".join(f"{k} {v:.3f}" for k, v in summary["rates"].items() if v is not None)
+
+    if "before" in metrics:
+        print(f"before any edit: {rates(metrics['before'])}")
+    print(f"after {len(cases)} edits in batches of {metrics['batch_size']}: {rates(metrics)}")
     for path in write_evaluation(args.out, metrics, records):
         print(f"-> {path}")
 
@@ -377,15 +382,26 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--out", default="alphaedit-eval", help="output directory")
     sub.add_parser("version", help="print versions and available backends")
     args = parser.parse_args(argv)
+    return run_reporting_errors(parser.prog, args.debug, lambda: run_command(args))
 
+
+def run_reporting_errors(prog: str, debug: bool, command: Callable[[], object]) -> int:
+    """Run a command; an error is one line on stderr, the traceback only with `debug`.
+    Exit status: 0, 2 for bad input (an AlphaEditError), 1 for any other failure, 130 on Ctrl-C."""
     try:
-        run_command(args)
-    except AlphaEditError as err:
-        if args.debug:
+        command()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
             traceback.print_exc()
+        elif isinstance(err, AlphaEditError):
+            print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         else:
-            print(f"{parser.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+            print(f"{prog}: error: {type(err).__name__}: {' '.join(str(err).split())} (--debug for the traceback)",
+                  file=sys.stderr)
+        return 2 if isinstance(err, AlphaEditError) else 1
     return 0
 
 

@@ -67,11 +67,14 @@ def run_demo(n_edits: int = 10, seed: int = 0) -> list[dict]:
     from .factworld.evaluate import next_token_scores, object_id
 
     start = time.perf_counter()
+    print("loading the shipped fact-world model", flush=True)
     model, tok, world = load_shipped()
     hparams = edit_hparams(model)
     timings = {"load": time.perf_counter() - start}
+    print(f"key statistics of layers {hparams.layers} over the model's training corpus, then the null space",
+          flush=True)
     start = time.perf_counter()
-    bases = corpus_projector(model, tok, world, hparams, seed=seed)
+    bases = corpus_projector(model, tok, world, hparams, seed=seed, progress=True)
     timings["statistics + projector"] = time.perf_counter() - start
     records = world.counterfact_requests(n_edits, seed)
     rows = []
@@ -91,11 +94,12 @@ def run_demo(n_edits: int = 10, seed: int = 0) -> list[dict]:
             row[key] = (rewrite, paraphrase, neighbour)
 
     measure("before")
-    editor = AlphaEditor(model, tok, hparams, projector=bases, context_templates=CONTEXT_TEMPLATES)
+    print(f"editing {n_edits} facts in one batch", flush=True)
+    editor = AlphaEditor(model, tok, hparams, projector=bases, context_templates=CONTEXT_TEMPLATES, progress=True)
     timings.update(editor.edit([rec["requested_rewrite"] for rec in records]))
     measure("after")
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"AlphaEdit on the shipped fact-world model ({n_params:.1f}M parameters): {n_edits} counterfactual edits,"
+    print(f"\nAlphaEdit on the shipped fact-world model ({n_params:.1f}M parameters): {n_edits} counterfactual edits,"
           f" one batch, layers {hparams.layers}, null space {bases[0].shape[1]}/{bases[0].shape[0]}\n")
     print(f"{'rewrite prompt -> new object':<52} {'p(new)':>15} {'paraphrase p(new)':>18} {'neighbour p(true)':>18}")
     for row in rows:

@@ -27,7 +27,7 @@ import torch
 
 from .errors import InvalidRequestError, RequestFileError
 from .positions import pad_right, pad_token_id
-from .requests import normalize_request, read_records, targets_token_ids
+from .requests import field, normalize_request, read_records, targets_token_ids
 
 SCHEMAS = ("counterfact", "zsre", "easyedit")
 SECTIONS = ("rewrite", "paraphrase", "neighborhood")
@@ -61,32 +61,38 @@ def _as_list(value) -> list:
 
 
 def _counterfact_case(record: dict, index: int, zsre_target: str) -> dict:
-    rewrite = record["requested_rewrite"]
     case = {"case_id": record.get("case_id", index),
-            "requested_rewrite": {"prompt": rewrite["prompt"], "subject": rewrite["subject"],
-                                  "target_new": {"str": rewrite["target_new"]["str"]}},
+            "requested_rewrite": {"prompt": field(record, "requested_rewrite.prompt"),
+                                  "subject": field(record, "requested_rewrite.subject"),
+                                  "target_new": {"str": field(record, "requested_rewrite.target_new.str")}},
             "paraphrase_prompts": list(record.get("paraphrase_prompts", [])),
             "neighborhood_prompts": list(record.get("neighborhood_prompts", []))}
-    if "target_true" in rewrite:
-        case["requested_rewrite"]["target_true"] = {"str": rewrite["target_true"]["str"]}
+    if "target_true" in record["requested_rewrite"]:
+        case["requested_rewrite"]["target_true"] = {"str": field(record, "requested_rewrite.target_true.str")}
     return case
 
 
 def _zsre_case(record: dict, index: int, zsre_target: str) -> dict:
     """MEND's layout, read as the original's `MENDQADataset` (target: `answers[0]`, or `alt`)."""
-    subject = record["subject"]
-    target = record["answers"][0] if zsre_target == "answers" else record["alt"]
+    subject = field(record, "subject")
+    if zsre_target == "answers":
+        answers = field(record, "answers")
+        if not isinstance(answers, list) or not answers:
+            raise InvalidRequestError(f"answers must be a non-empty list, got {answers!r}")
+        target = answers[0]
+    else:
+        target = field(record, "alt")
     return {"case_id": record.get("case_id", index),
-            "requested_rewrite": {"prompt": _template(record["src"], subject), "subject": subject,
+            "requested_rewrite": {"prompt": _template(field(record, "src"), subject), "subject": subject,
                                   "target_new": {"str": target}},
             "paraphrase_prompts": _as_list(record.get("rephrase")),
-            "neighborhood_prompts": [{"prompt": record["loc"] + "?", "target": record["loc_ans"]}]}
+            "neighborhood_prompts": [{"prompt": field(record, "loc") + "?", "target": field(record, "loc_ans")}]}
 
 
 def _easyedit_case(record: dict, index: int, zsre_target: str) -> dict:
-    subject, prompt = record["subject"], record["prompt"]
+    subject, prompt = field(record, "subject"), field(record, "prompt")
     rewrite = {"prompt": prompt if "{}" in prompt else _template(prompt, subject), "subject": subject,
-               "target_new": {"str": record["target_new"]}}
+               "target_new": {"str": field(record, "target_new")}}
     if record.get("ground_truth") is not None:
         rewrite["target_true"] = {"str": record["ground_truth"]}
     localities = _as_list(record.get("locality_prompt"))
@@ -119,7 +125,7 @@ def load_cases(path, zsre_target: str = "answers") -> tuple[str, list[dict]]:
                 raise RequestFileError(f"{where}: a {kind} record in a file of {schema} records")
             schema = kind
             case = READERS[kind](record, index, zsre_target)
-            normalize_request(edit_request(case), index)
+            normalize_request(edit_request(case), None)
             _check_probes(case, kind)
         except RequestFileError:
             raise
@@ -313,7 +319,8 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
                    curve: bool = False, batch_tokens: int = 4096, log=print) -> tuple[dict, list[dict]]:
     """Edit `cases` with `editor` in sequential batches of `batch_size`, then score every case,
     as the original's `evaluate.py` does (with `before`, also before the first edit; with
-    `curve`, the cases edited so far after every batch).
+    `curve`, every case before the first edit (the 0-edit point) and the cases edited so far after
+    every batch).
 
     Returns (metrics, per-case records `{"case_id", "requested_rewrite", "num_edits", "post",
     ["pre"]}`); metrics holds rates, margins, accuracies, seconds and peak memory per phase.
@@ -326,11 +333,11 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
     peak: dict[str, int] = {}
     phases = Phases(device, seconds, peak)
     pre = None
-    if before:
+    if before or curve:  # the curve starts at 0 edits: every case on the unedited model
         with phases("evaluate before"):
             pre = score_cases(model, tok, cases, schema, batch_tokens)
     requests = [edit_request(c) for c in cases]
-    points = []
+    points = [{"n_edits": 0, **summarize(pre, schema)["rates"]}] if curve else []
     for start in range(0, len(cases), batch_size):
         stop = min(start + batch_size, len(cases))
         for name, value in editor.edit(requests[start:stop], peak_bytes=peak).items():
@@ -348,7 +355,7 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
         points.append({"n_edits": len(cases), **summary["rates"]})
     metrics = {"schema": schema, "definition": DEFINITIONS[schema], "n_cases": len(cases), "batch_size": batch_size,
                **summary, "seconds": seconds, "peak_memory_bytes": peak}
-    if pre is not None:
+    if before:
         metrics["before"] = summarize(pre, schema)
     if curve:
         metrics["curve"] = points
@@ -356,7 +363,7 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
         return {**scores, "rates": summarize([scores], schema)["rates"]}
 
     records = [{"case_id": c["case_id"], "requested_rewrite": c["requested_rewrite"], "num_edits": batch_size,
-                "post": with_rates(post[i]), **({"pre": with_rates(pre[i])} if pre is not None else {})}
+                "post": with_rates(post[i]), **({"pre": with_rates(pre[i])} if before else {})}
                for i, c in enumerate(cases)]
     return metrics, records
 
@@ -390,6 +397,7 @@ def plot_curve(metrics: dict, path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     xs = [p["n_edits"] for p in metrics["curve"]]
@@ -398,6 +406,8 @@ def plot_curve(metrics: dict, path) -> Path:
         if any(y is not None for y in ys):
             ax.plot(xs, [math.nan if y is None else y for y in ys], marker=".", label=rate)
     ax.set_xlabel("edits")
+    ax.set_xlim(0, max(xs) * 1.04 or 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -10,19 +10,37 @@ from .errors import InvalidRequestError, RequestFileError
 from .positions import split_template
 
 
-def describe(request: Mapping[str, Any], index: int) -> str:
-    """How errors name a request: `request 3 (case_id 17)`."""
+def describe(request: Mapping[str, Any], index: int | None) -> str:
+    """How errors name a request: `request 3 (case_id 17)`; without an index (a file record, whose
+    error already names its place in the file) `case_id 17` or `request`."""
+    if index is None:
+        return f"case_id {request['case_id']}" if "case_id" in request else "request"
     return f"request {index}" + (f" (case_id {request['case_id']})" if "case_id" in request else "")
 
 
-def normalize_request(request: Mapping[str, Any], index: int = 0) -> dict[str, Any]:
+def field(record: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted `path` of a file record (`"requested_rewrite.target_new.str"`); a missing
+    field raises InvalidRequestError `requested_rewrite.subject is missing`."""
+    value: Any = record
+    keys = path.split(".")
+    for depth, key in enumerate(keys):
+        if not isinstance(value, Mapping):
+            raise InvalidRequestError(f"{'.'.join(keys[:depth])} must be a JSON object with {key!r}, "
+                                      f"got {type(value).__name__}")
+        if key not in value:
+            raise InvalidRequestError(f"{'.'.join(keys[:depth + 1])} is missing")
+        value = value[key]
+    return value
+
+
+def normalize_request(request: Mapping[str, Any], index: int | None = 0) -> dict[str, Any]:
     """A validated deep copy of `request` with `target_new = {"str": " target"}`.
 
     Accepts `target_new` as a string or `{"str": ...}`; a target without a leading space gets
     one (the original does the same so that it tokenises as a separate word).
     """
     if not isinstance(request, Mapping):
-        raise InvalidRequestError(f"request {index} must be a dict with prompt, subject and target_new, "
+        raise InvalidRequestError(f"{describe({}, index)} must be a dict with prompt, subject and target_new, "
                                   f"got {type(request).__name__}")
     out = copy.deepcopy(dict(request))
     where = describe(out, index)
@@ -85,15 +103,14 @@ def targets_token_ids(tok, targets: Sequence[str]) -> list[list[int]]:
 
 
 def _counterfact_record(record: dict, index: int) -> dict:
-    rewrite = record["requested_rewrite"]
     out = {
         "case_id": record.get("case_id", index),
-        "prompt": rewrite["prompt"],
-        "subject": rewrite["subject"],
-        "target_new": {"str": rewrite["target_new"]["str"]},
+        "prompt": field(record, "requested_rewrite.prompt"),
+        "subject": field(record, "requested_rewrite.subject"),
+        "target_new": {"str": field(record, "requested_rewrite.target_new.str")},
     }
-    if "target_true" in rewrite:
-        out["target_true"] = {"str": rewrite["target_true"]["str"]}
+    if "target_true" in record["requested_rewrite"]:
+        out["target_true"] = {"str": field(record, "requested_rewrite.target_true.str")}
     for key in ("paraphrase_prompts", "neighborhood_prompts"):
         if key in record:
             out[key] = list(record[key])
@@ -101,14 +118,14 @@ def _counterfact_record(record: dict, index: int) -> dict:
 
 
 def _easyedit_record(record: dict, index: int) -> dict:
-    prompt, subject = record["prompt"], record["subject"]
+    prompt, subject = field(record, "prompt"), field(record, "subject")
     if "{}" not in prompt:  # EasyEdit prompts hold the subject itself
         at = prompt.rfind(subject)
         if not subject or at < 0:
-            raise InvalidRequestError(f"record {index}: subject {subject!r} does not occur in prompt {prompt!r}")
+            raise InvalidRequestError(f"subject {subject!r} does not occur in prompt {prompt!r}")
         prompt = prompt[:at] + "{}" + prompt[at + len(subject):]
     out = {"case_id": record.get("case_id", index), "prompt": prompt, "subject": subject,
-           "target_new": {"str": record["target_new"]}}
+           "target_new": {"str": field(record, "target_new")}}
     if "ground_truth" in record:
         out["target_true"] = {"str": record["ground_truth"]}
     if "rephrase_prompt" in record:
@@ -136,7 +153,7 @@ def load_requests(path) -> list[dict[str, Any]]:
 
 def read_records(path) -> list[tuple[str, Any]]:
     """(where, record) for every record of a JSON list/object or JSONL file; `where` names the
-    file and the JSONL line (from 1) or the JSON record (from 0) for error messages."""
+    file and the JSONL line (from 1) or the JSON record (from 1, with its list index) for errors."""
     from pathlib import Path
 
     path = Path(path)
@@ -155,7 +172,8 @@ def read_records(path) -> list[tuple[str, Any]]:
                    for number, line in enumerate(text.split("\n"), 1) if line.strip()]
     else:
         parsed = _parse(text, path)
-        records = [(f"{path}, record {i}", r) for i, r in enumerate(parsed if isinstance(parsed, list) else [parsed])]
+        records = [(f"{path}, record {i + 1} (index {i})", r)
+                   for i, r in enumerate(parsed if isinstance(parsed, list) else [parsed])]
     if not records:
         raise RequestFileError(f"{path} holds no requests")
     return records
@@ -179,7 +197,7 @@ def _request(record, index: int, where: str) -> dict[str, Any]:
         if not isinstance(record, dict):
             raise TypeError(f"not a JSON object but {type(record).__name__}")
         convert = _counterfact_record if "requested_rewrite" in record else _easyedit_record
-        return normalize_request(convert(record, index), index)
+        return normalize_request(convert(record, index), None)
     except (KeyError, TypeError, AttributeError) as err:
         raise RequestFileError(
             f"{where}: malformed record ({type(err).__name__}: {err}); expected the CounterFact schema "

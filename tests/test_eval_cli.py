@@ -93,13 +93,15 @@ def test_statistics_of_either_form_give_the_dense_p_results(gpt2_dir):
             assert x["target_new"] == pytest.approx(y["target_new"], abs=1e-4)
 
 
-def test_the_shipped_model_needs_no_projector_or_hparams(tmp_path):
+def test_the_shipped_model_needs_no_projector_or_hparams(tmp_path, capsys):
     from alphaedit_fast.factworld import load_shipped
 
     model, tok, world = load_shipped()
     path = tmp_path / "cf.json"
     path.write_text(json.dumps(world.counterfact_requests(4, seed=2)))
     assert main(["eval", "--requests", str(path), "--out", str(tmp_path / "out"), "--curve", "--batch-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "before any edit: efficacy" in printed and "after 4 edits in batches of 2: efficacy" in printed
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["hparams"]["preset"] == "factworld" and metrics["projector"] == "corpus"
     assert metrics["rates"]["efficacy"] > metrics["before"]["rates"]["efficacy"]

@@ -13,6 +13,7 @@ from alphaedit_fast.evaluation import (
     cases_from_lists,
     evaluate_edits,
     load_cases,
+    plot_curve,
     score_cases,
     summarize,
     write_evaluation,
@@ -199,6 +200,11 @@ def test_readers_map_each_schema_to_the_original_layout(tmp_path):
     ([{**as_schema(counterfact_records(1), "easyedit")[0], "locality_ground_truth": ["a", "b"]}], "locality"),
     ([{**counterfact_records(1)[0], "paraphrase_prompts": [""]}], "paraphrase prompt"),
     ([{"text": "no schema"}], "expected CounterFact"),
+    (counterfact_records(1) + [{"requested_rewrite": {"prompt": "{} is", "target_new": {"str": "Y"}}}],
+     r"record 2 \(index 1\): requested_rewrite.subject is missing"),
+    ([{k: v for k, v in as_schema(counterfact_records(1), "zsre")[0].items() if k != "loc_ans"}], "loc_ans is missing"),
+    ([{k: v for k, v in as_schema(counterfact_records(1), "easyedit")[0].items() if k != "target_new"}],
+     "target_new is missing"),
 ])
 def test_bad_records_name_the_file_and_record(tmp_path, records, message):
     path = write_records(tmp_path, records)
@@ -216,7 +222,9 @@ def test_sequential_evaluation_edits_and_writes_the_original_case_layout(tmp_pat
     metrics, records = evaluate_edits(editor, cases, "counterfact", 2, curve=True, log=lines.append)
     assert editor.num_edits == 4 and len(lines) == 2
     assert metrics["before"]["rates"]["efficacy"] < metrics["rates"]["efficacy"]
-    assert [p["n_edits"] for p in metrics["curve"]] == [2, 4]
+    assert [p["n_edits"] for p in metrics["curve"]] == [0, 2, 4]
+    assert metrics["curve"][0] == {"n_edits": 0, **metrics["before"]["rates"]}
+    assert metrics["curve"][-1] == {"n_edits": 4, **metrics["rates"]}
     assert {"z", "keys", "solve", "cache update", "evaluate", "evaluate before"} <= set(metrics["seconds"])
     assert set(metrics["peak_memory_bytes"]) >= {"z", "evaluate"}
     assert records[0]["case_id"] == 10 and records[0]["num_edits"] == 2
@@ -226,6 +234,17 @@ def test_sequential_evaluation_edits_and_writes_the_original_case_layout(tmp_pat
     assert [p.name for p in paths] == ["metrics.json", "cases.jsonl", "curve.png"]
     lines = (tmp_path / "out" / "cases.jsonl").read_text().splitlines()
     assert json.loads(lines[1])["post"]["rewrite_prompts_probs"] == records[1]["post"]["rewrite_prompts_probs"]
+
+
+def test_a_single_batch_curve_starts_at_zero_edits_even_without_before(tmp_path):
+    model, tok = tiny_model("gpt2"), tiny_tokenizer_for("gpt2")
+    _, cases = load_cases(write_records(tmp_path, counterfact_records(2)))
+    editor = AlphaEditor(model, tok, test_hparams(model), projector=[torch.eye(160)] * 2,
+                         context_templates=CONTEXT_TEMPLATES)
+    metrics, records = evaluate_edits(editor, cases, "counterfact", 2, before=False, curve=True, log=lambda _: None)
+    assert [p["n_edits"] for p in metrics["curve"]] == [0, 2]
+    assert "before" not in metrics and "pre" not in records[0]
+    assert plot_curve(metrics, tmp_path / "curve.png").stat().st_size > 0
 
 
 def test_edit_prompts_takes_easyedit_arguments_and_measures_before_and_after():

@@ -36,11 +36,20 @@ def test_counterfact_and_easyedit_files(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
-    ('[{"requested_rewrite": {"prompt": "{} is", "subject": "x"}}]', "record 0: malformed"),
+    ('[{"requested_rewrite": {"prompt": "{} is", "subject": "x"}}]',
+     r"r.json, record 1 \(index 0\): requested_rewrite.target_new is missing"),
+    ('[{"requested_rewrite": {"prompt": "{} is", "subject": "x", "target_new": {"str": "y"}}}, '
+     '{"requested_rewrite": {"prompt": "{} is", "target_new": {"str": "y"}}}]',
+     r"record 2 \(index 1\): requested_rewrite.subject is missing"),
+    ('[{"requested_rewrite": {"prompt": "{} is", "subject": "x", "target_new": "y"}}]',
+     "requested_rewrite.target_new must be a JSON object with 'str'"),
+    ('[{"case_id": 4, "requested_rewrite": {"prompt": "is", "subject": "x", "target_new": {"str": "y"}}}]',
+     r"record 1 \(index 0\): case_id 4: prompt 'is' must contain"),
+    ('[{"subject": "x", "target_new": "y"}]', "record 1 \\(index 0\\): prompt is missing"),
     ('[{"prompt": "A B plays", "subject": "Z", "target_new": "t"}]', "does not occur"),
     ('[{"prompt": "{} plays", "subject": "Z", "target_new": ""}]', "target_new"),
     ("[]", "no requests"),
-    ("[3]", "record 0: malformed"),
+    ("[3]", r"record 1 \(index 0\): malformed"),
 ])
 def test_malformed_request_files(tmp_path, content, message):
     (tmp_path / "r.json").write_text(content)

@@ -4,11 +4,15 @@ python -m alphaedit_fast.factworld corpus --out FILE                    # its tr
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+from ..cli import run_reporting_errors
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m alphaedit_fast.factworld")
+    ap.add_argument("--debug", action="store_true", help="on an error show the traceback, not one line")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the world, train tokenizer + model, save them")
     b.add_argument("--out", required=True)
@@ -33,6 +37,10 @@ def main(argv=None):
     r.add_argument("--edits", type=int, default=20)
     c.add_argument("--lines", type=int, default=3000)
     a = ap.parse_args(argv)
+    return run_reporting_errors(ap.prog, a.debug, lambda: run(a))
+
+
+def run(a) -> None:
     if a.cmd in ("requests", "corpus"):
         write_data(a)
         return
@@ -58,4 +66,4 @@ def write_data(args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 
 import torch
+from tqdm.auto import tqdm
 
+from ..cli import run_reporting_errors
 from ..trace import hidden_of, with_hidden
 from . import load_model
 from .evaluate import object_id
@@ -25,16 +28,17 @@ def subject_span(tok, prompt, subject):
 
 
 @torch.no_grad()
-def causal_trace(model, tok, world, n=60, noise=3.0, seed=0, relation=None):
+def causal_trace(model, tok, world, n=60, noise=3.0, seed=0, relation=None, progress=False):
     """Mean recovered p(object) restoring the layer-l output at the subject's last token vs the last token,
-    over `n` facts (of `relation` only, if given)."""
+    over `n` facts (of `relation` only, if given); `progress` shows a bar over the facts."""
     rng = random.Random(seed)
     facts = rng.sample([f for f in world.fact_list() if relation in (None, f[1])], n)
     layers = model.model.layers
     emb_std = model.model.embed_tokens.weight.std().item()
     L = len(layers)
     res = {"clean": 0.0, "corrupt": 0.0, "subj": [0.0] * L, "last": [0.0] * L}
-    for s, r, o in facts:
+    for s, r, o in tqdm(facts, desc=f"tracing {relation or 'all facts'}", unit="fact", disable=not progress,
+                        leave=False):
         prompt = world.relations[r]["templates"][0].format(s)
         ids, span = subject_span(tok, prompt, s)
         x = torch.tensor([ids])
@@ -81,14 +85,19 @@ def main(argv=None):
     ap.add_argument("path", nargs="?", help="a fact-world model directory (default: the shipped one)")
     ap.add_argument("--n", type=int, default=60, help="facts traced (per relation with --by-relation)")
     ap.add_argument("--by-relation", action="store_true", help="one line per relation")
+    ap.add_argument("--debug", action="store_true", help="on an error show the traceback, not one line")
     a = ap.parse_args(argv)
+    return run_reporting_errors(ap.prog, a.debug, lambda: run(a))
+
+
+def run(a) -> None:
     model, tok, world = load_model(a.path)
     for relation in list(world.relations) if a.by_relation else [None]:
-        res = causal_trace(model, tok, world, n=a.n, relation=relation)
+        res = causal_trace(model, tok, world, n=a.n, relation=relation, progress=True)
         print(f"{relation or 'all facts':>10}: clean {res['clean']:.2f} corrupt {res['corrupt']:.2f} | restore "
               f"subject-last {' '.join(f'{v:.2f}' for v in res['subj'])} | last token "
-              f"{' '.join(f'{v:.2f}' for v in res['last'])}")
+              f"{' '.join(f'{v:.2f}' for v in res['last'])}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

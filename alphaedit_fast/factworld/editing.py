@@ -28,13 +28,14 @@ def edit_hparams(model, **overrides) -> AlphaEditHyperParams:
 
 
 def corpus_projector(model, tok, world: World, hparams: AlphaEditHyperParams, relative: float = NULLSPACE_RELATIVE,
-                     n_texts: int = 3000, seed: int = 0) -> list[torch.Tensor]:
+                     n_texts: int = 3000, seed: int = 0, progress: bool = False) -> list[torch.Tensor]:
     """Null-space bases U0 (d_k, r), one per edited layer, from the key statistics of the first
-    `n_texts` lines of the world's training corpus."""
+    `n_texts` lines of the world's training corpus (`progress`: a tokens/s bar)."""
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text("\n".join(training_texts(world, seed)[:n_texts]))
-        stats = collect_statistics(model, tok, corpus, hparams.layers, hparams.rewrite_module_tmp, progress=False)
+        stats = collect_statistics(model, tok, corpus, hparams.layers, hparams.rewrite_module_tmp,
+                                   progress=progress)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a small MLP's statistics: a large null space is expected
         return [nullspace_basis(stats.covariance(layer), relative=relative) for layer in hparams.layers]
