@@ -12,7 +12,7 @@ import torch
 
 from .bench import SHAPES
 from .errors import AlphaEditError, InvalidArgumentError, ModelFileError
-from .loading import add_model_arguments, default_device, load_model
+from .loading import DTYPES, add_model_arguments, checkpoint_dtype, default_device, load_model
 from .timing import progress_line
 from .tiny import FAMILY_CONFIGS
 
@@ -183,6 +183,7 @@ def run_edit_command(args) -> None:
     hparams = _load_hparams(args.hparams)  # the files first: loading a large model takes minutes
     requests = load_requests(args.requests)
     model, tok = load_model(args.model, args.dtype, args.device, args.device_map)
+    save_dtype = DTYPES[args.save_dtype] if args.save_dtype != "auto" else checkpoint_dtype(args.model) or model.dtype
     if state:
         editor = AlphaEditor.from_state(model, tok, hparams, state, progress=True)
     else:
@@ -198,6 +199,8 @@ def run_edit_command(args) -> None:
         print(f"edits {i + 1}-{min(i + size, len(requests))}: {phases}")
 
     def write(directory: Path) -> None:
+        if model.dtype != save_dtype:  # the edit is done: cast in place rather than copy the weights
+            model.to(save_dtype)
         model.save_pretrained(directory)
         tok.save_pretrained(directory)
         editor.save_state(directory / STATE_FILE)
@@ -345,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     state.add_argument("--fresh", action="store_true",
                        help=f"start a new editor state even if --model DIR holds an {STATE_FILE}")
     edit.add_argument("--batch-size", type=int, default=0, help="edits per batch (default: all at once)")
+    edit.add_argument("--save-dtype", default="auto", choices=["auto", *DTYPES],
+                      help="dtype of the saved weights (default auto: the checkpoint's own, whatever --dtype ran)")
     evaluate = sub.add_parser(
         "eval", help="edit records of a CounterFact/ZsRE/EasyEdit file sequentially and score them as the original "
         "(--requests); without --requests, the fact world's study: AlphaEdit vs P = I, sequential and batch",

@@ -22,7 +22,7 @@ from .modelstate import frozen, restore_on_error
 from .projector import ProjectorBases, basis_from_projector, check_projector_model
 from .requests import normalize_requests
 from .solve import DenseSolver, FactoredDenseSolver, ProjectedSolver
-from .storage import StatsFileError, load_tensors, model_fingerprint, require_tensors, save_tensors
+from .storage import StatsFileError, load_tensors, model_fingerprint, require_tensors, save_tensors, umask_mode
 from .templates import get_context_templates
 from .timing import Phases, progress_line
 from .validation import (
@@ -96,6 +96,7 @@ def save_npz_atomically(path: Path, **arrays) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
     with os.fdopen(fd, "wb") as f:
         np.savez(f, **arrays)
+    os.chmod(tmp, umask_mode(0o666))
     os.replace(tmp, path)
 
 

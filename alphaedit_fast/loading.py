@@ -49,6 +49,34 @@ def hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE or any(f is not None and f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
 
 
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached (its host does not resolve), or None. Checked before a hub
+    load so that a machine without network fails in a second instead of retrying for ~25 s."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as Timeout
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    pool = ThreadPoolExecutor(max_workers=1)  # getaddrinfo has no timeout of its own
+    try:
+        pool.submit(socket.getaddrinfo, host, 443).result(timeout=HUB_RESOLVE_TIMEOUT_S)
+    except Timeout:
+        return f"{host} did not resolve within {HUB_RESOLVE_TIMEOUT_S:g} s"
+    except OSError as err:
+        return f"{host} cannot be resolved: {err.strerror or err}"
+    finally:
+        pool.shutdown(wait=False)
+    return None
+
+
+HUB_RESOLVE_TIMEOUT_S = 5.0
+
+
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None, device_map: str | None = None):
     """(model in eval mode, tokenizer) from a local directory written by `save_pretrained`, a
@@ -80,7 +108,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
         if path.exists():
             raise ModelFileError(f"{name} is a file, not a model directory; give one written by save_pretrained")
         raise ModelFileError(f"model directory {name} does not exist")
-    source = {"local_files_only": True} if local or hub_offline() else {}
+    unreachable = None if local or hub_offline() else hub_unreachable()
+    source = {"local_files_only": True} if local or hub_offline() or unreachable else {}
     placement = {"device_map": device_map} if device_map is not None else {}
     if device is not None and device.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
         placement = {"device_map": {"": device}}  # straight onto the device, no copy in CPU memory
@@ -89,10 +118,28 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
                                                      **source)
         tok = AutoTokenizer.from_pretrained(path if local else name, **source)
     except (OSError, ValueError) as err:
-        raise _load_error(name, local, err) from None
+        raise _load_error(name, local, err, unreachable) from None
     if device is not None and not placement:
         model = model.to(device)
     return model.eval(), tok
+
+
+def checkpoint_dtype(name_or_path) -> torch.dtype | None:
+    """The dtype a checkpoint's config.json declares (`dtype`, or `torch_dtype` before transformers 5),
+    or None when it declares none. Read from the config alone: a loaded model reports the dtype it was
+    loaded in."""
+    from transformers import AutoConfig
+
+    name = str(resolve_model_name(name_or_path))
+    local = Path(name).expanduser().is_dir()
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=local or hub_offline() or bool(hub_unreachable()))
+    except (OSError, ValueError):
+        return None
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = DTYPES.get(declared.removeprefix("torch."))
+    return declared if declared in DTYPES.values() else None
 
 
 SHIPPED_NAME = "factworld"
@@ -127,10 +174,15 @@ def dtype_kwargs(dtype) -> dict:
     return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
 
 
-def _load_error(name: str, local: bool, err: Exception) -> ModelFileError:
+def _load_error(name: str, local: bool, err: Exception, unreachable: str | None = None) -> ModelFileError:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if local:
         return ModelFileError(f"cannot load the model in {name}: {reason}")
+    if unreachable:
+        return ModelFileError(
+            f"{name} is not a local directory, the Hugging Face hub cannot be reached ({unreachable}) and its "
+            f"cache holds no such model: give a local directory written by save_pretrained, or download the model "
+            f"first where the hub can be reached (e.g. `hf download {name}`)")
     if hub_offline():
         return ModelFileError(
             f"{name} is not a local directory, and the Hugging Face hub is off (HF_HUB_OFFLINE) and its cache "

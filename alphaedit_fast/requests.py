@@ -10,11 +10,8 @@ from .errors import InvalidRequestError, RequestFileError
 from .positions import split_template
 
 
-def describe(request: Mapping[str, Any], index: int | None) -> str:
-    """How errors name a request: `request 3 (case_id 17)`; without an index (a file record, whose
-    error already names its place in the file) `case_id 17` or `request`."""
-    if index is None:
-        return f"case_id {request['case_id']}" if "case_id" in request else "request"
+def describe(request: Mapping[str, Any], index: int) -> str:
+    """How errors name a request: `request 3 (case_id 17)`."""
     return f"request {index}" + (f" (case_id {request['case_id']})" if "case_id" in request else "")
 
 
@@ -40,26 +37,27 @@ def normalize_request(request: Mapping[str, Any], index: int | None = 0) -> dict
     one (the original does the same so that it tokenises as a separate word).
     """
     if not isinstance(request, Mapping):
-        raise InvalidRequestError(f"{describe({}, index)} must be a dict with prompt, subject and target_new, "
+        raise InvalidRequestError(f"{describe({}, index or 0)} must be a dict with prompt, subject and target_new, "
                                   f"got {type(request).__name__}")
     out = copy.deepcopy(dict(request))
-    where = describe(out, index)
+    # a file record (index None) is already named by its file and line
+    lead = "" if index is None else f"{describe(out, index)}: "
     prompt, subject = out.get("prompt"), out.get("subject")
     if not isinstance(prompt, str):
-        raise InvalidRequestError(f"{where}: prompt must be a string with one '{{}}' marking the subject, "
+        raise InvalidRequestError(f"{lead}prompt must be a string with one '{{}}' marking the subject, "
                                   f"e.g. 'The mother tongue of {{}} is'; got {prompt!r}")
-    split_template(prompt, f"{where}: prompt")
+    split_template(prompt, f"{lead}prompt")
     if not prompt.replace("{}", "").strip():
-        raise InvalidRequestError(f"{where}: prompt {prompt!r} holds nothing but the subject; "
+        raise InvalidRequestError(f"{lead}prompt {prompt!r} holds nothing but the subject; "
                                   "give the relation too, e.g. 'The mother tongue of {} is'")
     if not isinstance(subject, str) or not subject.strip():
-        raise InvalidRequestError(f"{where}: subject must be a non-empty string, got {subject!r}")
+        raise InvalidRequestError(f"{lead}subject must be a non-empty string, got {subject!r}")
     target = out.get("target_new")
     target = target.get("str") if isinstance(target, Mapping) else target
     if not isinstance(target, str) or not target.strip():
-        raise InvalidRequestError(f"{where}: target_new must be a non-empty string, got {target!r}")
+        raise InvalidRequestError(f"{lead}target_new must be a non-empty string, got {target!r}")
     if "{" in target or "}" in target:  # it is appended to the prompt before the subject is filled in
-        raise InvalidRequestError(f"{where}: target_new {target!r} must not contain braces")
+        raise InvalidRequestError(f"{lead}target_new {target!r} must not contain braces")
     if target[0] != " ":
         target = " " + target
     out["target_new"] = {**(out["target_new"] if isinstance(out["target_new"], Mapping) else {}), "str": target}

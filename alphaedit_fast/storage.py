@@ -45,6 +45,14 @@ def _checksum(stored: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def umask_mode(mode: int) -> int:
+    """`mode` less the process umask: what `open` and `mkdir` give new files and directories (mkstemp
+    and mkdtemp create 0600 / 0700, which a rename into place would otherwise keep)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> Path:
     """Write `tensors` atomically to `path` with `metadata` (a str `kind` and JSON-able values)
     and a checksum over both."""
@@ -58,6 +66,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=stored)
+        os.chmod(tmp, umask_mode(0o666))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -141,6 +150,11 @@ def write_directory(dest: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     try:
         write(tmp)
+        # what mkdtemp, mkstemp and some writers (safetensors shards in transformers 5) make 0700 / 0600
+        # gets the permissions a plain open() or mkdir() would: the umask's
+        for path in [tmp, *tmp.rglob("*")]:
+            if not path.is_symlink():
+                os.chmod(path, umask_mode(0o777 if path.is_dir() else 0o666))
         replace_directory(tmp, dest)
     finally:
         if tmp.exists():

@@ -30,10 +30,10 @@ def test_jsonl_errors_name_the_line_in_the_file(tmp_path):
     with pytest.raises(RequestFileError, match=r"r\.jsonl:3:2: not valid JSON"):
         load_requests(path)
     path.write_text(f"{json.dumps(GOOD)}\n\n\n{json.dumps({'prompt': '{} is'})}\n")
-    with pytest.raises(RequestFileError, match=r"r\.jsonl:4: malformed record"):
+    with pytest.raises(RequestFileError, match=r"r\.jsonl:4: subject is missing"):
         load_requests(path)
     path.write_text(f"{json.dumps(GOOD)}\n\n{json.dumps({**GOOD, 'target_new': ''})}\n")
-    with pytest.raises(RequestFileError, match=r"r\.jsonl:3: request 1 .*target_new"):
+    with pytest.raises(RequestFileError, match=r"r\.jsonl:3: target_new must be a non-empty string"):
         load_requests(path)
     record = {**GOOD, "subject": "Toko\u2028Yasuda", "prompt": "{} plays"}
     path.write_text(json.dumps(record, ensure_ascii=False) + "\r\n", encoding="utf-8")
@@ -246,8 +246,10 @@ def test_edit_out_is_atomic_and_state_in_model_dir_is_continued(tmp_path, monkey
 
     with monkeypatch.context() as patch:  # the model is written, then the state fails
         patch.setattr(AlphaEditor, "save_state", killed)
-        with pytest.raises(RuntimeError, match="killed"):
-            edit("run1", "run2")
+        capsys.readouterr()
+        assert edit("run1", "run2") == 1
+        assert capsys.readouterr().err.strip().endswith(
+            "error: RuntimeError: killed while saving the state (--debug for the traceback)")
     assert {p.name: p.read_bytes() for p in (tmp_path / "run2").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 

@@ -55,6 +55,33 @@ def test_missing_local_path_is_reported_as_such(tmp_path, name):
         load_model(tmp_path / "file.txt")
 
 
+@pytest.mark.parametrize("save_dtype, expected", [(None, torch.float16), ("float32", torch.float32)])
+def test_edit_out_saves_in_the_checkpoint_dtype_with_umask_permissions(fp16_dir, monkeypatch, save_dtype, expected):
+    """The fp16 checkpoint runs in fp32 on the CPU but is saved in fp16 (unless --save-dtype), and the
+    output directory and its files get the umask's permissions, as save_pretrained's own files do."""
+    import stat
+
+    from safetensors import safe_open
+
+    old_umask = os.umask(0o027)
+    try:
+        out = fp16_dir / f"out-{save_dtype}"
+        argv = ["edit", "--model", str(fp16_dir / "model"), "--requests", str(fp16_dir / "requests.json"),
+                "--hparams", str(fp16_dir / "hparams.json"), "--out", str(out)]
+        with pytest.warns(UserWarning, match="projector=None"):
+            assert main(argv + (["--save-dtype", save_dtype] if save_dtype else [])) == 0
+    finally:
+        os.umask(old_umask)
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {expected}
+    assert json.loads((out / "config.json").read_text()).get("dtype") == str(expected).removeprefix("torch.")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o640}
+    edited, _ = load_model(out, "float32")
+    original, _ = load_model(fp16_dir / "model", "float32")
+    assert any(not torch.equal(a, b) for a, b in zip(edited.parameters(), original.parameters()))
+
+
 def test_cli_missing_model_exits_2_before_loading(fp16_dir, capsys):
     argv = ["edit", "--model", str(fp16_dir / "nope"), "--requests", str(fp16_dir / "requests.json"),
             "--hparams", str(fp16_dir / "hparams.json"), "--out", str(fp16_dir / "out")]
@@ -72,6 +99,34 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "no-such-model is not a local directory" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("resolver", ["fails", "hangs"])
+def test_unresolvable_hub_fails_at_once_without_retries(tmp_path, monkeypatch, capfd, resolver):
+    """Without network, a hub id is looked up in the cache only: no request, no retries (which took
+    ~25 s and 10 log lines), one clear error."""
+    import socket
+    import time
+
+    from alphaedit_fast import loading
+
+    def fails(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def hangs(*args, **kwargs):
+        time.sleep(2)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.setattr(socket, "getaddrinfo", fails if resolver == "fails" else hangs)
+    monkeypatch.setattr(loading, "HUB_RESOLVE_TIMEOUT_S", 0.2)
+    expected = "cannot be resolved" if resolver == "fails" else "did not resolve within 0.2 s"
+    with pytest.raises(ModelFileError, match=f"hub cannot be reached \\(huggingface.co {expected}"):
+        load_model("alphaedit-fast-tests/no-such-model")
+    captured = capfd.readouterr()
+    assert "Retrying" not in captured.err + captured.out and "HEAD" not in captured.err + captured.out
 
 
 def test_cached_hub_model_loads_offline(fp16_dir, tmp_path):

@@ -44,7 +44,7 @@ def test_counterfact_and_easyedit_files(tmp_path):
     ('[{"requested_rewrite": {"prompt": "{} is", "subject": "x", "target_new": "y"}}]',
      "requested_rewrite.target_new must be a JSON object with 'str'"),
     ('[{"case_id": 4, "requested_rewrite": {"prompt": "is", "subject": "x", "target_new": {"str": "y"}}}]',
-     r"record 1 \(index 0\): case_id 4: prompt 'is' must contain"),
+     r"record 1 \(index 0\): prompt 'is' must contain"),
     ('[{"subject": "x", "target_new": "y"}]', "record 1 \\(index 0\\): prompt is missing"),
     ('[{"prompt": "A B plays", "subject": "Z", "target_new": "t"}]', "does not occur"),
     ('[{"prompt": "{} plays", "subject": "Z", "target_new": ""}]', "target_new"),
