@@ -1,20 +1,39 @@
 # Quickstart: `make demo`, `make test`. Every target creates its virtual environment first.
+#
+# Versions: `make install` / `test` / `demo` install exactly what the suite last passed with
+# (requirements/constraints.txt), `test-compat` the same for transformers 4.46
+# (requirements/constraints-tf446.txt); `test-latest` installs the newest releases, unconstrained, in
+# its own venv; `make lock` runs the suite on the newest releases and writes both files from the
+# environments that just passed.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch lies on local disk; a plain `torch` requirement would pull a CUDA build.
+# The CPU build of torch lies on local disk; a plain `torch` requirement would pull a CUDA build, so
+# every venv (test-latest included) takes this one.
 TORCH ?= torch==2.13.0
+CONSTRAINTS ?= requirements/constraints.txt
+COMPAT_CONSTRAINTS ?= requirements/constraints-tf446.txt
 COMPAT_VENV ?= .venv-tf446
 COMPAT_TRANSFORMERS ?= transformers==4.46.*
-ENGINE_TESTS := tests/test_engine.py tests/test_positions.py tests/test_arch.py tests/test_templates.py tests/test_bad_input.py tests/test_suffix.py tests/test_keys.py tests/test_evaluation.py tests/test_eval_cli.py tests/test_loading.py tests/test_hparams.py
+LATEST_VENV ?= .venv-latest
+ENGINE_TESTS := tests/test_engine.py tests/test_positions.py tests/test_arch.py tests/test_templates.py tests/test_bad_input.py tests/test_suffix.py tests/test_keys.py tests/test_evaluation.py tests/test_eval_cli.py tests/test_loading.py tests/test_hparams.py tests/test_layout.py
+# pip, setuptools and wheel too (the extension builds without isolation); not the project itself
+FREEZE = pip freeze --all --exclude-editable
 
-.PHONY: install demo eval test lint bench test-compat ci clean
+.PHONY: install demo eval test lint bench test-compat test-latest lock ci clean
 
-$(VENV)/.installed: pyproject.toml setup.py
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q --no-build-isolation -e ".[test]"
+# $(call venv,DIR,PIP-OPTIONS[,MORE-REQUIREMENTS]): a venv with build tools, torch and numpy first (the
+# extension's build imports torch, which warns when numpy is missing), then the project and its test
+# extras; torch is named again so that no upgrade can swap the CPU build for a CUDA one.
+define venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/pip install -q $(2) --upgrade pip setuptools wheel
+	$(1)/bin/pip install -q $(2) $(TORCH) numpy
+	$(1)/bin/pip install -q $(2) --no-build-isolation $(TORCH) $(3) -e ".[test]"
+endef
+
+$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS)
+	$(call venv,$(VENV),-c $(CONSTRAINTS))
 	touch $@
 
 install: $(VENV)/.installed
@@ -45,19 +64,32 @@ lint: install
 	$(BIN)/ruff check alphaedit_fast kernels tests benchmarks setup.py
 
 # The engine tests once more on transformers 4.46 (decoder layers return tuples there).
-$(COMPAT_VENV)/.installed: pyproject.toml setup.py
-	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_VENV)/bin/pip install -q --upgrade pip setuptools wheel
-	$(COMPAT_VENV)/bin/pip install -q $(TORCH)
-	$(COMPAT_VENV)/bin/pip install -q "$(COMPAT_TRANSFORMERS)"
-	$(COMPAT_VENV)/bin/pip install -q --no-build-isolation -e ".[test]"
+$(COMPAT_VENV)/.installed: pyproject.toml setup.py $(COMPAT_CONSTRAINTS)
+	$(call venv,$(COMPAT_VENV),-c $(COMPAT_CONSTRAINTS),"$(COMPAT_TRANSFORMERS)")
 	touch $@
 
 test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
 	$(COMPAT_VENV)/bin/python -m pytest -q $(ENGINE_TESTS)
 
-ci: lint test test-compat
+# The newest releases of every dependency (torch: the CPU build above), upgraded on every run.
+test-latest:
+	$(call venv,$(LATEST_VENV),--upgrade --upgrade-strategy eager)
+	$(LATEST_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(LATEST_VENV)/bin/python -m pytest -q tests
+
+# Newest releases that pass: the suite on them, the engine tests on the newest transformers 4.46 stack,
+# then both constraints files from those two environments.
+lock: test-latest
+	rm -rf $(LATEST_VENV)-tf446
+	$(MAKE) test-compat COMPAT_VENV=$(LATEST_VENV)-tf446 COMPAT_CONSTRAINTS=requirements/unconstrained.txt
+	mkdir -p requirements
+	{ echo "# make lock, $$(date -u +%F): the suite passed with these (Python $$($(LATEST_VENV)/bin/python -c 'import platform; print(platform.python_version())'))"; \
+	  $(LATEST_VENV)/bin/$(FREEZE); } > $(CONSTRAINTS)
+	{ echo "# make lock, $$(date -u +%F): the engine tests passed with these on transformers 4.46"; \
+	  $(LATEST_VENV)-tf446/bin/$(FREEZE); } > $(COMPAT_CONSTRAINTS)
+
+ci: lint test test-compat test-latest
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) *.egg-info build
+	rm -rf $(VENV) $(COMPAT_VENV) $(LATEST_VENV) $(LATEST_VENV)-tf446 *.egg-info build

@@ -392,7 +392,8 @@ class AlphaEditor:
                                      f"{tuple(cache.shape)} that do not fit together; the file is not usable")
         names = [hparams.rewrite_module_tmp.format(layer) for layer in layers]
         if model_fingerprint(model, names) != meta["model_fingerprint"]:
-            raise StatsFileError(f"{path} was saved with other weights: load the model edited in that run")
+            raise StatsFileError(f"{path} was saved with other weights: load the model edited in that run, "
+                                 "in the dtype it was saved in or a wider one")
         editor = cls(model, tok, hparams, projector=[tensors[f"layer.{l}.basis"] for l in layers],
                      context_templates=meta["context_templates"], **options)
         editor.solver.cache_proj = [tensors[f"layer.{l}.cache_proj"].to(u.device, u.dtype)

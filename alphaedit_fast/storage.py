@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from .arch import get_module
 from .errors import AlphaEditError
 
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"  # 3: fingerprints over values, whatever the dtype
 _ENVELOPE = ("format_version", "kind", "checksum")  # stored as plain strings; every other value as JSON
 
 
@@ -214,13 +214,17 @@ def base_fingerprint(model: torch.nn.Module, rewrite_names: list[str]) -> str:
     return _digest(model, tensors)
 
 
+FINGERPRINT_ELEMENTS = 1 << 18
+
+
 def _digest(model: torch.nn.Module, tensors: list[tuple[str, torch.Tensor]]) -> str:
+    """Over the values, not their storage: the first FINGERPRINT_ELEMENTS of each tensor as fp32, so an
+    fp16 checkpoint has the same fingerprint loaded in fp16 or fp32 (edit on a GPU, continue on a CPU)."""
     digest = hashlib.sha256(type(model).__name__.encode())
     for name, weight in tensors:
         weight = weight.detach()
-        digest.update(f"{name}:{tuple(weight.shape)}:{weight.dtype}".encode())
-        flat = weight.reshape(-1)[: (1 << 20) // weight.element_size()]
-        digest.update(flat.float().cpu().numpy().tobytes())
+        digest.update(f"{name}:{tuple(weight.shape)}".encode())
+        digest.update(weight.reshape(-1)[:FINGERPRINT_ELEMENTS].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:32]
 
 

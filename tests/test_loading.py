@@ -80,6 +80,12 @@ def test_edit_out_saves_in_the_checkpoint_dtype_with_umask_permissions(fp16_dir,
     edited, _ = load_model(out, "float32")
     original, _ = load_model(fp16_dir / "model", "float32")
     assert any(not torch.equal(a, b) for a, b in zip(edited.parameters(), original.parameters()))
+    # the saved state belongs to the saved weights, in whatever dtype they are loaded next
+    # (or wider: fp32 weights loaded in fp16 are other weights)
+    for dtype in ("float32", "float16") if expected == torch.float16 else ("float32",):
+        argv = ["edit", "--model", str(out), "--dtype", dtype, "--requests", str(fp16_dir / "requests.json"),
+                "--hparams", str(fp16_dir / "hparams.json"), "--out", str(fp16_dir / f"continued-{save_dtype}-{dtype}")]
+        assert main(argv) == 0
 
 
 def test_cli_missing_model_exits_2_before_loading(fp16_dir, capsys):
