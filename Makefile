@@ -20,7 +20,7 @@ ENGINE_TESTS := tests/test_engine.py tests/test_positions.py tests/test_arch.py 
 # pip, setuptools and wheel too (the extension builds without isolation); not the project itself
 FREEZE = pip freeze --all --exclude-editable
 
-.PHONY: install demo eval test lint bench test-compat test-latest lock ci clean
+.PHONY: install demo eval test lint bench test-compat test-latest lock write-constraints ci clean
 
 # $(call venv,DIR,PIP-OPTIONS[,MORE-REQUIREMENTS]): a venv with build tools, torch and numpy first (the
 # extension's build imports torch, which warns when numpy is missing), then the project and its test
@@ -83,7 +83,9 @@ test-latest:
 lock: test-latest
 	rm -rf $(LATEST_VENV)-tf446
 	$(MAKE) test-compat COMPAT_VENV=$(LATEST_VENV)-tf446 COMPAT_CONSTRAINTS=requirements/unconstrained.txt
-	mkdir -p requirements
+	$(MAKE) write-constraints
+
+write-constraints:
 	{ echo "# make lock, $$(date -u +%F): the suite passed with these (Python $$($(LATEST_VENV)/bin/python -c 'import platform; print(platform.python_version())'))"; \
 	  $(LATEST_VENV)/bin/$(FREEZE); } > $(CONSTRAINTS)
 	{ echo "# make lock, $$(date -u +%F): the engine tests passed with these on transformers 4.46"; \

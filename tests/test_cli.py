@@ -1,5 +1,10 @@
+import pytest
+
+from alphaedit_fast import cli
 from alphaedit_fast.cli import main
 from alphaedit_fast.demo import run_demo, run_tiny_demo
+from alphaedit_fast.factworld import __main__ as factworld_main
+from alphaedit_fast.factworld import causal_trace
 
 
 def test_tiny_demo_edits_raise_every_target(capsys):
@@ -10,6 +15,8 @@ def test_tiny_demo_edits_raise_every_target(capsys):
 
 def test_factworld_demo_edits_its_facts(capsys):
     rows = run_demo()
+    err = capsys.readouterr().err
+    assert "z:" in err and "stats:" in err  # every step longer than a few seconds shows progress
     rewrites = sum(row["after"][0] > 0.5 for row in rows)
     paraphrases = sum(row["after"][1] > 0.5 for row in rows)
     assert rewrites >= 8 and paraphrases >= 8, rows
@@ -46,3 +53,38 @@ def test_cli_bench_writes_results(tmp_path, capsys):
     assert max(solve["max_rel_diff_vs_dense"].values()) < 1e-3
     out = capsys.readouterr().out
     assert "speed-up" in out and "tokens per z step" in out
+
+
+@pytest.mark.parametrize("entry, argv, run_name", [
+    (cli.main, ["version"], "run_command"),
+    (factworld_main.main, ["corpus", "--out", "x.txt"], "run"),
+    (causal_trace.main, [], "run"),
+])
+def test_an_unexpected_crash_is_one_line_with_exit_1(entry, argv, run_name, monkeypatch, capsys):
+    """A failure that is not an AlphaEditError (a bug, a library's ImportError) prints its type and
+    message on one line and points at --debug; --debug prints the traceback. Bad input stays exit 2."""
+    module = {cli.main: cli, factworld_main.main: factworld_main, causal_trace.main: causal_trace}[entry]
+
+    def crash(*args):
+        raise ImportError("cannot import name 'CUDAProperties' from 'kernels'")
+
+    monkeypatch.setattr(module, run_name, crash)
+    assert entry(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.endswith("error: ImportError: cannot import name 'CUDAProperties' from 'kernels' "
+                        "(--debug for the traceback)\n")
+    assert entry(["--debug", *argv]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, run_name, interrupted)
+    assert entry(argv) == 130 and capsys.readouterr().err.endswith("interrupted\n")
+
+
+def test_bad_input_is_still_exit_2(capsys):
+    assert main(["eval", "--requests", "no-such-file.json"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-file.json" in err and err.count("\n") == 1

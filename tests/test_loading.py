@@ -74,7 +74,8 @@ def test_edit_out_saves_in_the_checkpoint_dtype_with_umask_permissions(fp16_dir,
         os.umask(old_umask)
     with safe_open(out / "model.safetensors", "pt") as weights:
         assert {weights.get_tensor(name).dtype for name in weights.keys()} == {expected}
-    assert json.loads((out / "config.json").read_text()).get("dtype") == str(expected).removeprefix("torch.")
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == str(expected).removeprefix("torch.")  # 4.x: torch_dtype
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
     assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o640}
     edited, _ = load_model(out, "float32")
