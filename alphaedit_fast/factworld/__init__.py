@@ -9,6 +9,7 @@ AlphaEdit editing a model whose facts are known exactly.
 import json
 from pathlib import Path
 
+from ..errors import ModelFileError
 from .world import World, build_world, training_texts
 
 __all__ = ["SHIPPED_MODEL", "World", "build_world", "load_model", "load_shipped", "load_world", "training_texts"]
@@ -22,7 +23,7 @@ def load_world(path=None) -> World:
     path = Path(path) if path is not None else SHIPPED_MODEL
     meta_path = path / "factworld.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{path} is not a fact-world model directory (no factworld.json)")
+        raise ModelFileError(f"{path} is not a fact-world model directory (no factworld.json)")
     meta = json.loads(meta_path.read_text())
     return build_world(meta["seed"], meta["n_subjects"])
 
