@@ -15,13 +15,13 @@ def test_tiny_demo_edits_raise_every_target(capsys):
 
 def test_factworld_demo_edits_its_facts(capsys):
     rows = run_demo()
-    err = capsys.readouterr().err
-    assert "z:" in err and "stats:" in err  # every step longer than a few seconds shows progress
+    printed = capsys.readouterr()
+    assert "z:" in printed.err and "stats:" in printed.err  # every step longer than a few seconds shows progress
     rewrites = sum(row["after"][0] > 0.5 for row in rows)
     paraphrases = sum(row["after"][1] > 0.5 for row in rows)
     assert rewrites >= 8 and paraphrases >= 8, rows
     assert all(row["before"][0] < 0.01 < row["after"][0] for row in rows)
-    assert "neighbour p(true)" in capsys.readouterr().out
+    assert "neighbour p(true)" in printed.out
 
 
 def test_cli_demo_and_version(capsys):
