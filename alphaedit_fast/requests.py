@@ -122,8 +122,9 @@ def _easyedit_record(record: dict, index: int) -> dict:
         if not subject or at < 0:
             raise InvalidRequestError(f"subject {subject!r} does not occur in prompt {prompt!r}")
         prompt = prompt[:at] + "{}" + prompt[at + len(subject):]
+    target = field(record, "target_new")  # EasyEdit's string, or the original's {"str": ...}
     out = {"case_id": record.get("case_id", index), "prompt": prompt, "subject": subject,
-           "target_new": {"str": field(record, "target_new")}}
+           "target_new": dict(target) if isinstance(target, Mapping) else {"str": target}}
     if "ground_truth" in record:
         out["target_true"] = {"str": record["ground_truth"]}
     if "rephrase_prompt" in record:
