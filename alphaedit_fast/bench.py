@@ -29,6 +29,7 @@ from .modelstate import restored
 from .projector import basis_from_projector
 from .reference import apply_alphaedit_ref
 from .solve import ProjectedSolver, dense_update, woodbury_absorb
+from .storage import cache_root
 from .templates import get_context_templates
 from .tiny import tiny_model, tiny_tokenizer_for
 from .values import z_step_tokens
@@ -242,8 +243,7 @@ def bench_solve(d_k: int = 3072, d_model: int = 768, n_edits: int = 100, null_fr
 def default_results_dir() -> Path:
     """Where `alphaedit-fast bench` writes without --out: $XDG_CACHE_HOME (default ~/.cache)/alphaedit_fast/bench,
     outside any source tree."""
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "alphaedit_fast" / "bench"
+    return cache_root() / "bench"
 
 
 def write_results(name: str, payload: dict, out_dir: str | Path | None = None) -> Path:

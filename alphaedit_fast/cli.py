@@ -12,7 +12,7 @@ import torch
 
 from .bench import SHAPES
 from .errors import AlphaEditError, InvalidArgumentError, ModelFileError
-from .loading import DTYPES, add_model_arguments, checkpoint_dtype, default_device, load_model
+from .loading import DTYPES, add_model_arguments, checkpoint_dtype, default_device, load_model, resolve_model_name
 from .timing import progress_line
 from .tiny import FAMILY_CONFIGS
 
@@ -182,8 +182,9 @@ def run_edit_command(args) -> None:
                              "or pass --fresh to start a new state with it")
     hparams = _load_hparams(args.hparams)  # the files first: loading a large model takes minutes
     requests = load_requests(args.requests)
-    model, tok = load_model(args.model, args.dtype, args.device, args.device_map)
-    save_dtype = DTYPES[args.save_dtype] if args.save_dtype != "auto" else checkpoint_dtype(args.model) or model.dtype
+    source = resolve_model_name(args.model)  # once: a GGUF is hashed, a hub host resolved
+    model, tok = load_model(source, args.dtype, args.device, args.device_map)
+    save_dtype = DTYPES[args.save_dtype] if args.save_dtype != "auto" else checkpoint_dtype(source) or model.dtype
     if state:
         editor = AlphaEditor.from_state(model, tok, hparams, state, progress=True)
     else:
@@ -255,7 +256,6 @@ def run_eval_factworld(args) -> None:
     from .factworld import load_model
     from .factworld.editing import edit_hparams
     from .factworld.evaluate import evaluate_editing, write_report
-    from .loading import resolve_model_name
 
     source = resolve_model_name(args.model) if args.model is not None else None
     if source is not None and not Path(source).exists():

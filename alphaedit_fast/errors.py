@@ -37,6 +37,12 @@ class NonFiniteError(AlphaEditError, FloatingPointError):
     """A tensor holds NaN or infinity where finite values are required."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def require_finite(tensor, what: str) -> None:
     """Raise NonFiniteError naming `what` when `tensor` holds NaN or inf."""
     import torch

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidArgumentError, ModelFileError
+from .errors import InvalidArgumentError, ModelFileError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -184,7 +184,7 @@ def dtype_kwargs(dtype) -> dict:
 
 
 def _load_error(name: str, local: bool, err: Exception, unreachable: str | None = None) -> ModelFileError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = first_line(err)
     if local:
         return ModelFileError(f"cannot load the model in {name}: {reason}")
     if unreachable:

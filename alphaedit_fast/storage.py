@@ -45,6 +45,11 @@ def _checksum(stored: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def cache_root() -> Path:
+    """The project's cache: $XDG_CACHE_HOME (default ~/.cache)/alphaedit_fast."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "alphaedit_fast"
+
+
 def umask_mode(mode: int) -> int:
     """`mode` less the process umask: what `open` and `mkdir` give new files and directories (mkstemp
     and mkdtemp create 0600 / 0700, which a rename into place would otherwise keep)."""
