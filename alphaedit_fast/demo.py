@@ -27,8 +27,15 @@ DEMO_REQUESTS = [
 
 def target_probability(model, tok, request) -> float:
     """p(target tokens | filled prompt), the product over the target's tokens."""
-    prompt_ids = tok(request["prompt"].format(request["subject"]))["input_ids"]
-    target_ids = target_token_ids(tok, request["target_new"]["str"])
+    return continuation_probability(model, tok, request["prompt"].format(request["subject"]),
+                                    request["target_new"]["str"])
+
+
+def continuation_probability(model, tok, text: str, target: str) -> float:
+    """p(target's tokens | text), the product over the target's tokens (give the target its
+    leading space)."""
+    prompt_ids = tok(text)["input_ids"]
+    target_ids = target_token_ids(tok, target)
     device = model.get_input_embeddings().weight.device
     with torch.no_grad():
         logits = model(torch.tensor([prompt_ids + target_ids[:-1]], device=device)).logits[0]
@@ -108,3 +115,116 @@ def run_demo(n_edits: int = 10, seed: int = 0) -> list[dict]:
               f" {b[2]:8.3f} -> {a[2]:5.3f}")
     print("\ntime: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     return rows
+
+
+# Well-known facts, each rewritten, with a paraphrase of its prompt and two unedited facts about
+# other subjects whose answers must not move: (prompt, subject, true object, new object,
+# paraphrase, [(unrelated prompt, its object), ...]).
+REAL_FACTS = [
+    ("{} is located in the city of", "The Eiffel Tower", "Paris", "Rome",
+     "{}, the famous landmark, stands in the city of",
+     [("The capital of France is", "Paris"), ("The Colosseum is located in the city of", "Rome")]),
+    ("The mother tongue of {} is", "Vladimir Putin", "Russian", "French",
+     "The native language of {} is",
+     [("The mother tongue of Emmanuel Macron is", "French"), ("The capital of France is", "Paris")]),
+    ("{} is a car manufacturer based in", "Toyota", "Japan", "Germany",
+     "The headquarters of {} are in",
+     [("Mount Fuji is located in the country of", "Japan"), ("The mother tongue of Vladimir Putin is", "Russian")]),
+    ("{} is located in the country of", "Mount Fuji", "Japan", "Italy",
+     "{}, the highest mountain of its country, is in",
+     [("The Colosseum is located in the city of", "Rome"), ("Toyota is a car manufacturer based in", "Japan")]),
+]
+
+
+def demo_statistics(model, tok, hparams, corpus=None, max_tokens: int = 16000, seed: int = 0):
+    """Key statistics of the edited layers over `corpus` (a text file), or over text sampled from
+    the model itself when None; cached under the project's cache by model, corpus and budget."""
+    from .stats import KeyStatistics, collect_statistics, sample_corpus
+    from .storage import cache_root, file_fingerprint, model_fingerprint
+
+    names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
+    source = f"corpus-{file_fingerprint(corpus)[:16]}" if corpus else f"sampled-seed{seed}"
+    directory = cache_root() / "demo-stats"
+    path = directory / f"{model_fingerprint(model, names)[:16]}-{source}-{max_tokens}.safetensors"
+    if path.is_file():
+        print(f"key statistics: cached {path}", flush=True)
+        return KeyStatistics.load(path, model)
+    directory.mkdir(parents=True, exist_ok=True)
+    if corpus is None:
+        corpus = directory / f"{path.stem}.txt"
+        print(f"no --corpus: sampling {max_tokens} tokens of text from the model itself for its key statistics "
+              "(give --corpus FILE, e.g. WikiText's wiki.test.raw, for real text)", flush=True)
+        sample_corpus(model, tok, corpus, max_tokens, seed=seed, progress=True)
+    print(f"key statistics of layers {hparams.layers} over {max_tokens} tokens of {corpus}", flush=True)
+    stats = collect_statistics(model, tok, corpus, hparams.layers, hparams.rewrite_module_tmp, max_tokens=max_tokens,
+                               max_length=256, batch_tokens=4096)
+    stats.save(path)
+    return stats
+
+
+def greedy_continuation(model, tok, prompt: str, new_tokens: int = 8) -> str:
+    """The model's greedy continuation of `prompt` (one line)."""
+    device = model.get_input_embeddings().weight.device
+    ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return " ".join(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split())
+
+
+def run_real_demo(name: str, corpus=None, stats_tokens: int = 16000, seed: int = 0, hparams=None) -> list[dict]:
+    """Edit `REAL_FACTS` into a real checkpoint (`smollm2-135m`, `gemma3-270m`, a .gguf or a model
+    directory) in one batch, under the null space of its key statistics; print each edit's
+    probabilities before and after and greedy continuations. `hparams`: a preset name, file or
+    dict (default: the preset matching the model). Returns [{"before": row, "after": row}]."""
+    from .editor import AlphaEditor
+    from .loading import load_model, resolve_model_name
+    from .pretrained import resolve_hparams
+    from .projector import nullspace_basis
+
+    start = time.perf_counter()
+    print(f"loading {name}", flush=True)
+    model, tok = load_model(resolve_model_name(name))
+    hparams = resolve_hparams(hparams, model)
+    timings = {"load": time.perf_counter() - start}
+    start = time.perf_counter()
+    stats = demo_statistics(model, tok, hparams, corpus, stats_tokens, seed)
+    bases = [nullspace_basis(stats.covariance(l), hparams.nullspace_threshold) for l in hparams.layers]
+    timings["statistics + projector"] = time.perf_counter() - start
+
+    requests = [{"prompt": p, "subject": s, "target_new": {"str": new}, "target_true": {"str": true}}
+                for p, s, true, new, _, _ in REAL_FACTS]
+
+    def probability(prompt: str, obj: str) -> float:
+        return continuation_probability(model, tok, prompt, " " + obj)
+
+    def measure() -> list[dict]:
+        rows = []
+        for prompt, subject, true, new, paraphrase, unrelated in REAL_FACTS:
+            filled, para = prompt.format(subject), paraphrase.format(subject)
+            rows.append({"prompt": filled, "paraphrase": para, "true": true, "new": new,
+                         "p_new": probability(filled, new), "p_true": probability(filled, true),
+                         "paraphrase_p_new": probability(para, new), "paraphrase_p_true": probability(para, true),
+                         "unrelated": [(text, obj, probability(text, obj)) for text, obj in unrelated],
+                         "continuation": greedy_continuation(model, tok, filled)})
+        return rows
+
+    before = measure()
+    print(f"editing {len(requests)} facts in one batch (layers {hparams.layers}, preset "
+          f"{hparams.extra.get('preset')})", flush=True)
+    editor = AlphaEditor(model, tok, hparams, projector=bases, progress=True)
+    timings.update(editor.edit(requests))
+    after = measure()
+    print(f"\nAlphaEdit on {name}: {len(requests)} edits, one batch, null space "
+          + ", ".join(f"{b.shape[1]}/{b.shape[0]}" for b in bases) + f" (layers {hparams.layers})")
+    for b, a in zip(before, after):
+        print(f"\n{b['prompt']} [{b['true']} -> {b['new']}]")
+        print(f"  rewrite     p(new) {b['p_new']:.3f} -> {a['p_new']:.3f}   p(true) {b['p_true']:.3f} -> "
+              f"{a['p_true']:.3f}")
+        print(f"  paraphrase  p(new) {b['paraphrase_p_new']:.3f} -> {a['paraphrase_p_new']:.3f}   p(true) "
+              f"{b['paraphrase_p_true']:.3f} -> {a['paraphrase_p_true']:.3f}   ({b['paraphrase']})")
+        for (text, obj, pb), (_, _, pa) in zip(b["unrelated"], a["unrelated"]):
+            print(f"  unrelated   p({obj}) {pb:.3f} -> {pa:.3f}   ({text})")
+        print(f"  before: {b['prompt']} {b['continuation']}\n  after:  {a['prompt']} {a['continuation']}")
+    print("\ntime: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    return [{"before": b, "after": a} for b, a in zip(before, after)]

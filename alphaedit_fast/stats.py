@@ -80,6 +80,39 @@ def iter_documents(corpus: str | Path, text_field: str = "text") -> Iterator[str
             yield text
 
 
+def sample_corpus(model, tok, path: str | Path, n_tokens: int, seed: int = 0, length: int = 128,
+                  batch_size: int = 16, progress: bool = False) -> Path:
+    """Write about `n_tokens` tokens of text sampled from `model` (nucleus sampling, p = 0.95, from
+    its BOS token; one document of up to `length` tokens per line) to `path`: a corpus for key
+    statistics when no text is at hand."""
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if start is None:
+        raise InvalidRequestError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
+    device = model.get_input_embeddings().weight.device
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    lines, total = [], 0
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="sampling text", disable=not progress)
+    try:
+        while total < n_tokens:
+            ids = torch.full((batch_size, 1), start, dtype=torch.long, device=device)
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95, top_k=0,
+                                     temperature=1.0, max_new_tokens=length, min_new_tokens=length,
+                                     pad_token_id=start)
+            for row in out[:, 1:]:
+                text = " ".join(tok.decode(row, skip_special_tokens=True).split())
+                if text:
+                    lines.append(text)
+            total += out[:, 1:].numel()
+            bar.update(out[:, 1:].numel())
+    finally:
+        bar.close()
+        torch.random.set_rng_state(generator_state)
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return Path(path)
+
+
 def token_batches(tok, documents: Iterable[str], max_length: int, batch_tokens: int,
                   max_tokens: int | None = None) -> Iterator[list[list[int]]]:
     """Batches of token lists: each document truncated to `max_length` tokens, a batch holding

@@ -19,6 +19,16 @@ fails on 5.x), e.g. the configuration of issue 12 (GPT-2-small width, 10 layers,
   ALPHAEDIT_ORIGINAL_REPO=/path/to/AlphaEdit .venv-tf446/bin/python benchmarks/vs_original.py \
       --n-layer 10 --width 768 --layers 3,4,5,6 --edits 16 --repeats 2 --threads 2 \
       --out benchmarks/results/vs-original-gpt2-small-16-cpu.json
+
+A real checkpoint instead of the random GPT-2: --model DIR (a model directory both transformers
+versions read, e.g. the plain directory `--model smollm2-135m` converts the SmolLM2 GGUF into, under
+~/.cache/alphaedit_fast/gguf/), --requests FILE (CounterFact or EasyEdit records, the first --edits
+from --start) in sequential batches of --batch-size, the original's Llama3-8B.json (gpt2-xl.json for
+GPT-2) with --layers and the last layer as v_loss_layer:
+  ALPHAEDIT_ORIGINAL_REPO=/path/to/AlphaEdit .venv-tf446/bin/python benchmarks/vs_original.py \
+      --model ~/.cache/alphaedit_fast/gguf/SmolLM2-135M-Instruct.Q4_1-<sha> --layers 3,4,5,6,7 \
+      --requests ../shared/data/counterfact/counterfact-train.json --edits 8 --batch-size 4 \
+      --repeats 1 --threads 2 --out benchmarks/results/vs-original-smollm2-135m-8-cpu.json
 """
 
 from __future__ import annotations
@@ -170,6 +180,43 @@ def build_requests(n):
     return reqs
 
 
+def load_real_model(directory):
+    """(model in fp32 on the CPU, tokenizer with pad = eos as the original's evaluate.py sets it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(directory)
+    except ValueError:  # saved by transformers 5.x, whose tokenizer class 4.4x does not have
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(directory)
+    tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def file_requests(path, start, n):
+    """The original's request dicts (case_id, prompt, subject, target_new, target_true) of records
+    start .. start + n of a CounterFact or EasyEdit file."""
+    from alphaedit_fast.requests import load_requests
+
+    keys = ("case_id", "prompt", "subject", "target_new", "target_true")
+    return [{k: r[k] for k in keys if k in r} for r in load_requests(path)[start : start + n]]
+
+
+def real_hparams_dict(args, model):
+    """The original's Llama3-8B.json (gpt2-xl.json for GPT-2) with --layers, the model's last
+    layer as v_loss_layer and the overrides."""
+    name = "gpt2-xl.json" if model.config.model_type == "gpt2" else "Llama3-8B.json"
+    data = json.loads((ORIG_DIR / "hparams" / "AlphaEdit" / name).read_text())
+    data["layers"] = args.layers
+    data["v_loss_layer"] = model.config.num_hidden_layers - 1
+    for key in ("v_num_grad_steps", "clamp_norm_factor", "v_lr", "kl_factor", "L2"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    return data
+
+
 def random_projectors(n_layers, d_k, seed):
     """P_l = U U^T, U a random orthonormal d_k x d_k/2 basis; built in fp64, stored fp32 as the original's."""
     gen = torch.Generator().manual_seed(seed + 1)
@@ -224,7 +271,7 @@ def parse_with_overrides(ap: argparse.ArgumentParser) -> argparse.Namespace:
         args.layers = [3, 4, 5, 6] if args.n_layer >= 8 else list(range(1, max(args.n_layer - 1, 2)))
     if args.threads:
         torch.set_num_threads(args.threads)
-    assert max(args.layers) < args.n_layer
+    assert args.model or max(args.layers) < args.n_layer
     return args
 
 
@@ -232,6 +279,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap, n_layer=10, width=768)
     ap.add_argument("--edits", type=int, default=16)
+    ap.add_argument("--model", help="a real model directory instead of the random GPT-2 (needs --requests, --layers)")
+    ap.add_argument("--requests", help="with --model: CounterFact or EasyEdit records")
+    ap.add_argument("--start", type=int, default=0, help="with --model: the first record edited")
+    ap.add_argument("--batch-size", type=int, default=0, help="edits per sequential batch (default: all at once)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--which", choices=["original", "ours", "both"], default="both")
     ap.add_argument("--out", default=str(HERE / "results" / "vs-original.json"))
@@ -251,22 +302,34 @@ def main():
     from alphaedit_fast.bench import CONTEXT_TEMPLATES
 
     run_orig, run_ours = args.which in ("original", "both"), args.which in ("ours", "both")
-    tok, tok_source = load_tokenizer()
-    model = build_model(args, len(tok))
-    hp = hparams_dict(args, args.n_layer)
-    requests = build_requests(args.edits)
+    if args.model:
+        if not args.requests:
+            sys.exit("--model needs --requests FILE")
+        model, tok = load_real_model(args.model)
+        tok_source = args.model
+        hp = real_hparams_dict(args, model)
+        requests = file_requests(args.requests, args.start, args.edits)
+    else:
+        tok, tok_source = load_tokenizer()
+        model = build_model(args, len(tok))
+        hp = hparams_dict(args, args.n_layer)
+        requests = build_requests(args.edits)
     rewrite = hp["rewrite_module_tmp"]
     base_W = {l: model.get_submodule(rewrite.format(l)).weight.detach().clone() for l in args.layers}
-    d_k = base_W[args.layers[0]].shape[0]  # GPT-2 Conv1D c_proj weight: (n_inner, n_embd)
+    module = model.get_submodule(rewrite.format(args.layers[0]))
+    d_k = module.weight.shape[1] if isinstance(module, torch.nn.Linear) else module.weight.shape[0]  # Conv1D: (in, out)
     P = random_projectors(len(args.layers), d_k, args.seed)
-    print(f"model: GPT-2 n_layer={args.n_layer} n_embd={args.width} n_inner={d_k} "
-          f"n_head={model.config.n_head} vocab={model.config.vocab_size} fp32 cpu, threads={torch.get_num_threads()}; "
+    batch = args.batch_size or len(requests)
+    batches = [requests[i : i + batch] for i in range(0, len(requests), batch)]
+    cfg = model.config
+    print(f"model: {cfg.model_type} {tok_source if args.model else ''} layers={cfg.num_hidden_layers} "
+          f"width={cfg.hidden_size} d_k={d_k} vocab={cfg.vocab_size} fp32 cpu, threads={torch.get_num_threads()}; "
           f"tokenizer: {tok_source}; layers {args.layers}, v_loss_layer {hp['v_loss_layer']}, "
-          f"{args.edits} edits, {args.repeats} repeats", flush=True)
+          f"{len(requests)} edits in {len(batches)} sequential batch(es), {args.repeats} repeats", flush=True)
     print("hparams:", {k: hp[k] for k in ("v_num_grad_steps", "v_lr", "clamp_norm_factor", "kl_factor",
                                           "v_weight_decay", "L2", "fact_token")}, flush=True)
 
-    result = {"config": {**{k: v for k, v in vars(args).items()}, "d_k": d_k, "n_head": model.config.n_head,
+    result = {"config": {**{k: v for k, v in vars(args).items()}, "d_k": d_k,
                          "vocab_size": model.config.vocab_size, "tokenizer": tok_source, "hparams": hp,
                          "context_templates": CONTEXT_TEMPLATES, "requests": requests},
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -303,8 +366,10 @@ def main():
             patch = CudaToCpu()
             with patch, (contextlib.nullcontext() if args.verbose else contextlib.redirect_stdout(buf)):
                 t0 = time.perf_counter()
-                _, new_cache = orig_main.apply_AlphaEdit_to_model(work, tok, requests, orig_hp, cache_c=cache_c,
-                                                                  P=P_run)
+                new_cache = cache_c
+                for part in batches:
+                    _, new_cache = orig_main.apply_AlphaEdit_to_model(work, tok, part, orig_hp, cache_c=new_cache,
+                                                                      P=P_run)
                 times.append(time.perf_counter() - t0)
             print(f"original run {rep + 1}/{args.repeats}: {times[-1]:.2f} s", flush=True)
             if first is None:
@@ -314,7 +379,7 @@ def main():
             del work
         captured["original"] = first
         result["original"] = {"seconds": times, "median_s": statistics.median(times),
-                              "edits_per_s": args.edits / statistics.median(times)}
+                              "edits_per_s": len(requests) / statistics.median(times)}
 
     # ---- ours
     if run_ours:
@@ -336,8 +401,10 @@ def main():
             ours_zs.clear()
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
-            _, new_cache = ours_apply(work, tok, requests, ours_hp, cache_c=cache_c, P=P_run,
-                                      context_templates=CONTEXT_TEMPLATES, timings=timings)
+            new_cache = cache_c
+            for part in batches:
+                _, new_cache = ours_apply(work, tok, part, ours_hp, cache_c=new_cache, P=P_run,
+                                          context_templates=CONTEXT_TEMPLATES, timings=timings)
             times.append(time.perf_counter() - t0)
             phases.append(timings)
             print(f"ours run {rep + 1}/{args.repeats}: {times[-1]:.2f} s  phases "
@@ -351,7 +418,7 @@ def main():
         captured["ours"] = first
         med_phases = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]}
         result["ours"] = {"seconds": times, "median_s": statistics.median(times),
-                          "edits_per_s": args.edits / statistics.median(times),
+                          "edits_per_s": len(requests) / statistics.median(times),
                           "phases_median_s": med_phases, "phases_per_run": phases}
 
     # ---- comparison

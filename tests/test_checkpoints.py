@@ -100,6 +100,7 @@ def test_a_gguf_file_loads_exactly_through_a_plain_cached_directory(tiny_gguf, t
     (converted,) = (tmp_path / "cache" / "alphaedit_fast" / "gguf").iterdir()
     config = json.loads((converted / "config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" not in config
+    assert config["rope_theta"] == 10000.0  # where transformers 4.4x reads it (5.x: rope_parameters too)
     assert json.loads((converted / "gguf-source.json").read_text())["gguf_file"] == str(path)
     model, tok = load_model(str(path))  # the second time from the cache
     assert "converting" not in capsys.readouterr().out

@@ -1,4 +1,7 @@
+import math
+
 import pytest
+import torch
 
 from alphaedit_fast import cli
 from alphaedit_fast.cli import main
@@ -88,3 +91,52 @@ def test_bad_input_is_still_exit_2(capsys):
     assert main(["eval", "--requests", "no-such-file.json"]) == 2
     err = capsys.readouterr().err
     assert "no-such-file.json" in err and err.count("\n") == 1
+
+
+def test_real_model_demo_runs_on_any_model_directory_and_caches_its_statistics(tmp_path, monkeypatch, capsys):
+    """The real-model demo's code path, on a tiny Llama saved as a directory (a real checkpoint
+    takes minutes): sampled statistics are cached, the edits raise every new object."""
+    from alphaedit_fast.demo import REAL_FACTS, run_real_demo
+    from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model, tok = tiny_model("llama"), tiny_tokenizer_for("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    hparams = {"layers": [1, 2], "fact_token": "last", "v_lr": 0.5, "L2": 0.1, "v_num_grad_steps": 20,
+               "v_loss_layer": 3, "rewrite_module_tmp": "model.layers.{}.mlp.down_proj",
+               "layer_module_tmp": "model.layers.{}", "mlp_module_tmp": "model.layers.{}.mlp",
+               "attn_module_tmp": "model.layers.{}.self_attn", "ln_f_module": "model.norm",
+               "lm_head_module": "lm_head", "nullspace_threshold": 1.0}  # about half of the 160 directions
+    rows = run_real_demo(str(tmp_path / "model"), stats_tokens=600, hparams=hparams)
+    out = capsys.readouterr().out
+    assert "sampling 600 tokens of text from the model itself" in out
+    assert len(rows) == len(REAL_FACTS) and out.count("  before: ") == len(REAL_FACTS)
+    # the tiny tokenizer splits most of the new objects into 5-7 tokens, which a random 4-layer model
+    # does not learn in 20 steps; together they rise, and the two-token one (French) to > 0.1
+    gains = [math.log(row["after"]["p_new"] / row["before"]["p_new"]) for row in rows]
+    assert sum(gains) > 0 and max(row["after"]["p_new"] for row in rows) > 0.1
+    cached = list((tmp_path / "cache" / "alphaedit_fast" / "demo-stats").glob("*.safetensors"))
+    assert len(cached) == 1
+    run_real_demo(str(tmp_path / "model"), stats_tokens=600, hparams=hparams)
+    assert f"key statistics: cached {cached[0]}" in capsys.readouterr().out
+
+
+def test_sample_corpus_is_seeded_and_leaves_the_global_generator_alone(tmp_path):
+    from alphaedit_fast.stats import sample_corpus
+    from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
+
+    model, tok = tiny_model("gpt2"), tiny_tokenizer_for("gpt2")
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    a = sample_corpus(model, tok, tmp_path / "a.txt", 100, seed=3, length=20, batch_size=4).read_text()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = sample_corpus(model, tok, tmp_path / "b.txt", 100, seed=3, length=20, batch_size=4).read_text()
+    assert a == b and len(a.splitlines()) == 8  # two batches of 4 rows of 20 tokens reach 100 tokens
+    assert sample_corpus(model, tok, tmp_path / "c.txt", 100, seed=4, length=20, batch_size=4).read_text() != a
+
+
+def test_demo_options_for_a_real_model_need_one(capsys):
+    assert main(["demo", "--corpus", "wiki.txt"]) == 2
+    assert "give --model too" in capsys.readouterr().err
+    assert main(["demo", "--tiny", "llama", "--model", "smollm2-135m"]) == 2

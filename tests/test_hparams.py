@@ -129,8 +129,8 @@ def factworld_model():
 
 
 def test_every_preset_loads_with_its_source_and_architecture():
-    assert preset_names() == ["EleutherAI_gpt-j-6B", "factworld", "gpt2-xl", "Llama3-8B", "llama3.1-8b",
-                              "qwen2.5-7b"]
+    assert preset_names() == ["EleutherAI_gpt-j-6B", "factworld", "gemma3-270m", "gpt2-xl", "Llama3-8B",
+                              "llama3.1-8b", "qwen2.5-7b", "smollm2-135m"]
     for name in preset_names():
         hp = AlphaEditHyperParams.load(name)
         depth = hp.extra["architecture"]["num_hidden_layers"]
@@ -312,3 +312,18 @@ def test_for_model_checks_a_matching_presets_modules(tmp_path, monkeypatch):
     (tmp_path / "tiny-llama.json").write_text(json.dumps(data))
     hp = AlphaEditHyperParams.for_model(model)
     assert hp.layers == [1, 2] and hp.extra["preset"] == "tiny-llama"
+
+
+@pytest.mark.parametrize("name, family, config", [
+    ("smollm2-135m", "llama", dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536,
+                                   num_attention_heads=9, num_key_value_heads=3)),
+    ("gemma3-270m", "gemma3_text", dict(num_hidden_layers=18, hidden_size=640, intermediate_size=2048,
+                                        num_attention_heads=4, num_key_value_heads=1, head_dim=256)),
+])
+def test_the_real_checkpoints_get_their_presets(name, family, config):
+    """A model of each real checkpoint's shape (random, small vocabulary) matches its preset."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, vocab_size=64, **config))
+    hp = AlphaEditHyperParams.for_model(model)
+    assert hp.extra["preset"] == name and hp.model_name == name

@@ -181,7 +181,11 @@ def test_bench_user_model_writes_phase_medians(fp16_dir, monkeypatch, capsys):
     assert "3/3 steps" in captured.err and "layer 2: keys" in captured.err and "cache update" in captured.err
     assert "edits/s" in captured.out and "edit-model-2-cpu.json" in captured.out
     assert main(["bench", "--model", str(fp16_dir / "model"), "--out", str(fp16_dir)]) == 2
-    assert "needs --requests FILE and --hparams FILE" in capsys.readouterr().err
+    assert "needs --requests FILE" in capsys.readouterr().err
+    # without --hparams: the preset matching the model, and this tiny model matches none
+    assert main(["bench", "--model", str(fp16_dir / "model"), "--requests", str(fp16_dir / "requests.json"),
+                 "--out", str(fp16_dir)]) == 2
+    assert "no preset fits" in capsys.readouterr().err
 
 
 def test_default_bench_out_lies_outside_the_source_tree(monkeypatch, tmp_path):
