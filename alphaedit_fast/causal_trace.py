@@ -35,7 +35,8 @@ TOKEN_GROUPS = ("first subject token", "middle subject tokens", "last subject to
 
 @dataclass
 class PromptTrace:
-    """The trace of one prompt. `effects[kind]`: (tokens, layers) restored p(true object)."""
+    """The trace of one prompt. `restored[kind]`: (tokens, layers) p(true object) with that state
+    restored; minus `corrupted`, the indirect effects."""
 
     prompt: str
     subject: str
@@ -45,10 +46,6 @@ class PromptTrace:
     clean: float
     corrupted: float
     restored: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def indirect_effects(self, kind: str) -> torch.Tensor:
-        """(tokens, layers): restored minus corrupted probability."""
-        return self.restored[kind] - self.corrupted
 
     def grouped(self, kind: str) -> torch.Tensor:
         """(6, layers): the restored probabilities averaged over ROME's `TOKEN_GROUPS`; a group the

@@ -117,22 +117,23 @@ def run_demo(n_edits: int = 10, seed: int = 0) -> list[dict]:
     return rows
 
 
-# Well-known facts, each rewritten, with a paraphrase of its prompt and two unedited facts about
-# other subjects whose answers must not move: (prompt, subject, true object, new object,
-# paraphrase, [(unrelated prompt, its object), ...]).
+# Well-known facts, each rewritten, with a paraphrase of its prompt and two facts about subjects
+# no edit touches, whose answers should not move: (prompt, subject, true object, new object,
+# paraphrase, [(unrelated prompt, its object), ...]). Both real checkpoints know the rewritten
+# facts (SmolLM2-135M p(true) 0.18-0.70, Gemma-3-270M 0.12-0.86).
 REAL_FACTS = [
     ("{} is located in the city of", "The Eiffel Tower", "Paris", "Rome",
      "{}, the famous landmark, stands in the city of",
      [("The capital of France is", "Paris"), ("The Colosseum is located in the city of", "Rome")]),
     ("The mother tongue of {} is", "Vladimir Putin", "Russian", "French",
      "The native language of {} is",
-     [("The mother tongue of Emmanuel Macron is", "French"), ("The capital of France is", "Paris")]),
+     [("The mother tongue of Emmanuel Macron is", "French"), ("Romeo and Juliet was written by", "William")]),
     ("{} is a car manufacturer based in", "Toyota", "Japan", "Germany",
      "The headquarters of {} are in",
-     [("Mount Fuji is located in the country of", "Japan"), ("The mother tongue of Vladimir Putin is", "Russian")]),
+     [("The official language of Brazil is", "Portuguese"), ("Romeo and Juliet was written by", "William")]),
     ("{} is located in the country of", "Mount Fuji", "Japan", "Italy",
      "{}, the highest mountain of its country, is in",
-     [("The Colosseum is located in the city of", "Rome"), ("Toyota is a car manufacturer based in", "Japan")]),
+     [("The Colosseum is located in the city of", "Rome"), ("The capital of France is", "Paris")]),
 ]
 
 

@@ -25,6 +25,11 @@ class ModelStructureError(AlphaEditError, LookupError):
     """The model lacks a layer or module the hyper-parameters name, or its family is unknown."""
 
 
+class NormalisedMLPOutputWarning(UserWarning):
+    """The edited MLPs' outputs pass through a norm before the residual stream (Gemma 2 and 3's
+    post_feedforward_layernorm): AlphaEdit's update assumes they add to it as they are."""
+
+
 class ShapeError(AlphaEditError, ValueError):
     """A tensor argument (P, cache_c, a projector, a covariance) has the wrong type, shape or structure."""
 

@@ -21,6 +21,7 @@ from .errors import (
     InvalidArgumentError,
     InvalidRequestError,
     ModelStructureError,
+    NormalisedMLPOutputWarning,
     ShapeError,
     require_finite,
 )
@@ -80,7 +81,19 @@ def check_model(model, hparams: AlphaEditHyperParams) -> list[torch.nn.Module]:
     widths = {key_width(m) for m in modules}
     if len(widths) != 1:
         raise ModelStructureError(f"rewrite modules of layers {hparams.layers} differ in input width: {widths}")
+    normalised = [l for l in hparams.layers
+                  if hasattr(get_module(model, hparams.layer_module_tmp.format(l)), POST_MLP_NORM)]
+    if normalised:
+        warnings.warn(
+            f"layers {normalised} of {type(model).__name__} normalise the MLP output ({POST_MLP_NORM}) before adding "
+            "it to the residual stream, while AlphaEdit's update (the original's and this one, alike) assumes it adds "
+            "as it is: edits may need weight changes far larger than the weights (measured on Gemma-3-270M, "
+            "docs/real-models.md); check the model's other predictions after editing",
+            NormalisedMLPOutputWarning, stacklevel=3)
     return modules
+
+
+POST_MLP_NORM = "post_feedforward_layernorm"  # Gemma 2 and 3: norm(MLP(x)) joins the residual stream
 
 
 def check_context_templates(context_templates) -> list[list[str]]:

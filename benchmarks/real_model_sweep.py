@@ -7,7 +7,8 @@ development split) from the same unedited weights, in sequential batches, under 
 space of WikiText key statistics; then scores them as `alphaedit-fast eval` does. Reported per
 configuration: the paper's NLL comparison at the rewrite and paraphrase prompts (NLL(new) <
 NLL(true)), EasyEdit's token accuracies (efficacy, paraphrase, and the locality answer's,
-against the unedited model's), and seconds per phase.
+against the unedited model's), the mean NLL of the locality answers (what an edit should not
+move), the relative change of each edited weight, and seconds per phase.
 
   python benchmarks/real_model_sweep.py --model smollm2-135m --records 0:10 \\
       --variants '{"v_lr 0.5": {"v_lr": 0.5}, "layers 3-7": {"layers": [3, 4, 5, 6, 7]}}' \\
@@ -40,7 +41,9 @@ def scores(model, tok, cases) -> dict:
     from alphaedit_fast.evaluation import score_cases, summarize
 
     results = score_cases(model, tok, cases, "easyedit")
+    locality = [p["target_true"] for r in results for p in r["neighborhood_prompts_probs"]]
     return {"nll_efficacy": nll_rate(results, "rewrite"), "nll_paraphrase": nll_rate(results, "paraphrase"),
+            "locality_answer_nll": sum(locality) / len(locality) if locality else None,
             **{f"acc_{k}": v for k, v in summarize(results, "easyedit")["accuracy"].items()}}
 
 
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
                 seconds[phase] = seconds.get(phase, 0.0) + value
         seconds["total"] = time.perf_counter() - begin
         after = scores(model, tok, cases)
-        deltas = {n: float((get_module(model, n).weight - w).norm() / w.norm()) for n, w in originals.items()}
+        deltas = {n: float((get_module(model, n).weight.detach() - w).norm() / w.norm()) for n, w in originals.items()}
         out["runs"][name] = {"change": variants[name], "after": after, "seconds": seconds,
                              "null_space": [b.shape[1] for b in bases], "relative_weight_change": deltas}
         print(f"{name}: {after} ({seconds['total']:.0f}s)", flush=True)

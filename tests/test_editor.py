@@ -122,3 +122,23 @@ def test_bad_projectors():
         AlphaEditor(model, tok, hparams, projector=[torch.zeros(64, 3)] * 2, context_templates=CONTEXT_TEMPLATES)
     with pytest.raises(ShapeError):
         AlphaEditor(model, tok, hparams, projector=torch.zeros(3, 160, 160), context_templates=CONTEXT_TEMPLATES)
+
+
+@pytest.mark.parametrize("family, warned", [("gemma2", True), ("gemma", False), ("llama", False)])
+def test_a_normalised_mlp_output_is_warned_about(family, warned):
+    """Gemma 2/3 put a norm between the MLP output and the residual stream, which AlphaEdit's update
+    does not model: the editor says so once, naming the layers."""
+    import warnings as w
+
+    from alphaedit_fast import AlphaEditHyperParams
+    from alphaedit_fast.errors import NormalisedMLPOutputWarning
+
+    model, tok = tiny_model(family), tiny_tokenizer_for(family)
+    hparams = AlphaEditHyperParams.for_model(model, layers=[1, 2])
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        AlphaEditor(model, tok, hparams, context_templates=[["{}"]])
+    found = [c for c in caught if issubclass(c.category, NormalisedMLPOutputWarning)]
+    assert len(found) == (1 if warned else 0)
+    if warned:
+        assert "layers [1, 2]" in str(found[0].message) and "post_feedforward_layernorm" in str(found[0].message)
