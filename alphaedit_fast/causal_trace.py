@@ -364,7 +364,7 @@ def plot_trace(result: dict, kind: str, path, title: str = ""):
     else:
         grid, labels = result["mean"][kind], list(TOKEN_GROUPS)
     names = {"block": "block output", "mlp": "MLP output", "attn": "attention output"}
-    fig, ax = plt.subplots(figsize=(1.2 + 0.22 * grid.shape[1], 0.9 + 0.3 * len(labels)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.22 * grid.shape[1]), 0.9 + 0.3 * len(labels)))
     image = ax.imshow(grid.numpy(), cmap={"block": "Purples", "mlp": "Greens", "attn": "Reds"}[kind],
                       aspect="auto", interpolation="nearest", vmin=result["corrupted"] if len(traces) > 1
                       else traces[0].corrupted)
