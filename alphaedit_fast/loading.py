@@ -204,7 +204,8 @@ def _load_error(name: str, local: bool, err: Exception, unreachable: str | None 
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True,
-                        model_help: str = "a local model directory (from save_pretrained) or a hub id org/name"
+                        model_help: str = "a local model directory (from save_pretrained), a hub id org/name, a "
+                        ".gguf file, or smollm2-135m / gemma3-270m (make models)"
                         ) -> None:
     """--model, --dtype, --device and --device-map, as `load_model` takes them."""
     parser.add_argument("--model", required=required, help=model_help)

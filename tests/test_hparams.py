@@ -323,6 +323,10 @@ def test_for_model_checks_a_matching_presets_modules(tmp_path, monkeypatch):
 def test_the_real_checkpoints_get_their_presets(name, family, config):
     """A model of each real checkpoint's shape (random, small vocabulary) matches its preset."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if family not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {family} (Gemma 3 arrived in 4.50)")
 
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, vocab_size=64, **config))
     hp = AlphaEditHyperParams.for_model(model)
