@@ -414,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         "then score every record with the original's metrics; writes OUT/metrics.json, OUT/cases.jsonl (the "
         "original's per-case layout) and, with --curve, OUT/curve.png. Without --requests: the fact world's "
         "built-in study (factworld-eval.json and .png).")
-    add_model_arguments(evaluate, required=False, model_help="a local model directory, hub id org/name or "
-                        "'factworld' (default: the shipped fact-world model)")
+    add_model_arguments(evaluate, required=False, model_help="a local model directory, hub id org/name, .gguf file, "
+                        "smollm2-135m / gemma3-270m or 'factworld' (default: the shipped fact-world model)")
     evaluate.add_argument("--requests", help="JSON/JSONL of CounterFact, ZsRE (MEND layout) or EasyEdit records")
     evaluate.add_argument("--hparams", help="hparams JSON/YAML file or preset name (default: the preset matching the "
                           "model)")
