@@ -284,6 +284,10 @@ def run_trace(args) -> None:
 
     if bool(args.requests) == bool(args.prompt):
         raise InvalidArgumentError("give --requests FILE or --prompt TEMPLATE --subject SUBJECT, one of them")
+    small = [f"--{name.replace('_', '-')} {getattr(args, name)}"
+             for name in ("records", "window", "restore_window", "batch_size") if getattr(args, name) < 1]
+    if small:
+        raise InvalidArgumentError(f"{', '.join(small)}: must be at least 1")
     if args.prompt:
         if not args.subject:
             raise InvalidArgumentError("--prompt needs --subject (the words the prompt's {} stands for)")

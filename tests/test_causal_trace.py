@@ -188,6 +188,7 @@ def test_cli_trace_writes_maps_json_and_recommends_layers(gpt2_dir, tmp_path, ca
     (["--prompt", "{} plays the"], "needs --subject"),
     (["--kinds", "mlp,ffn", "--prompt", "{} plays the", "--subject", "Toko Yasuda"], "unknown"),
     ([], "give --requests FILE or --prompt"),
+    (["--prompt", "{} plays the", "--subject", "Toko Yasuda", "--restore-window", "0"], "--restore-window 0: must be"),
 ])
 def test_cli_trace_bad_input_is_one_line_and_writes_nothing(gpt2_dir, tmp_path, capsys, argv, message):
     out = tmp_path / "trace"
