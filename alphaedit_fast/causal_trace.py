@@ -33,6 +33,13 @@ TOKEN_GROUPS = ("first subject token", "middle subject tokens", "last subject to
                 "further tokens", "last token")
 
 
+def check_kinds(kinds: Sequence[str]) -> None:
+    """Every kind is one of `KINDS`, else InvalidArgumentError."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise InvalidArgumentError(f"unknown kind(s) {unknown}; choose from {','.join(KINDS)}")
+
+
 @dataclass
 class PromptTrace:
     """The trace of one prompt. `restored[kind]`: (tokens, layers) p(true object) with that state
@@ -107,6 +114,13 @@ class CausalTracer:
         self.first_block = get_module(model, spec.layer_module_tmp.format(0))
         self.device = model.get_input_embeddings().weight.device
         self.logits_argument = _logits_argument(model)
+        self._spans: dict[tuple[str, str], tuple[list[int], tuple[int, int]]] = {}
+
+    def span(self, prompt: str, subject: str) -> tuple[list[int], tuple[int, int]]:
+        """`subject_token_span`, tokenised once per (prompt, subject)."""
+        if (prompt, subject) not in self._spans:
+            self._spans[prompt, subject] = subject_token_span(self.tok, prompt, subject)
+        return self._spans[prompt, subject]
 
     def _forward(self, input_ids: torch.Tensor, hooks: dict[str, callable], pre_hook=None) -> torch.Tensor:
         """p(next token) at the last position of each row: (rows, vocab), float32."""
@@ -136,7 +150,7 @@ class CausalTracer:
 
     def subject_states(self, prompt: str, subject: str) -> torch.Tensor:
         """(subject tokens, width): the hidden states entering the first block at the subject."""
-        ids, (first, last) = subject_token_span(self.tok, prompt, subject)
+        ids, (first, last) = self.span(prompt, subject)
         seen = []
 
         def pre_hook(module, args, kwargs):
@@ -156,10 +170,8 @@ class CausalTracer:
         """Restore every (token, layer) state of each kind in `kinds` once. `target`: the true
         object, whose first token is scored (as `evaluation.score_targets` does), or None for the
         model's own prediction. `seed` draws the noise (default: the tracer's)."""
-        unknown = [k for k in kinds if k not in KINDS]
-        if unknown:
-            raise InvalidArgumentError(f"unknown kind(s) {unknown}; choose from {list(KINDS)}")
-        ids, span = subject_token_span(self.tok, prompt, subject)
+        check_kinds(kinds)
+        ids, span = self.span(prompt, subject)
         x = torch.tensor([ids], device=self.device)
         generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
         width = self.model.get_input_embeddings().weight.shape[1]
@@ -187,7 +199,7 @@ class CausalTracer:
 
     def clean_probability(self, prompt: str, subject: str, target: str | None) -> float:
         """p(first token of `target`, or of the prediction when None | the filled prompt)."""
-        ids, _ = subject_token_span(self.tok, prompt, subject)
+        ids, _ = self.span(prompt, subject)
         probs = self._forward(torch.tensor([ids], device=self.device), {})[0]
         return float(probs.max() if target is None else probs[self.target_id(target)])
 
@@ -197,7 +209,7 @@ class CausalTracer:
 
     def states_to_restore(self, prompt: str, subject: str, kinds: Sequence[str] = KINDS) -> int:
         """How many restorations `trace` runs for this prompt (for a progress bar)."""
-        ids, (first, _) = subject_token_span(self.tok, prompt, subject)
+        ids, (first, _) = self.span(prompt, subject)
         return len(kinds) * self.num_layers * (len(ids) - first)
 
     def restored_layers(self, kind: str, layer: int) -> range:
@@ -298,12 +310,17 @@ def trace_requests(model, tok, requests: Sequence[dict], kinds: Sequence[str] = 
             "corrupted": sum(t.corrupted for t in traces) / len(traces)}
 
 
+def subject_last_effects(result: dict, kind: str = "mlp") -> torch.Tensor:
+    """(layers,): the mean indirect effect of `kind` states at the subject's last token."""
+    if kind not in result["mean"]:
+        raise InvalidArgumentError(f"the trace has no {kind} states; trace with kinds including {kind!r}")
+    return result["mean"][kind][TOKEN_GROUPS.index("last subject token")] - result["corrupted"]
+
+
 def recommend_layers(result: dict, window: int = 5, kind: str = "mlp") -> list[int]:
     """The `window` consecutive layers whose `kind` states at the subject's last token have the
     largest mean indirect effect."""
-    if kind not in result["mean"]:
-        raise InvalidArgumentError(f"the trace has no {kind} states; trace with kinds including {kind!r}")
-    effects = result["mean"][kind][TOKEN_GROUPS.index("last subject token")] - result["corrupted"]
+    effects = subject_last_effects(result, kind)
     window = max(1, min(window, len(effects)))
     sums = effects.unfold(0, window, 1).sum(-1)
     start = int(sums.argmax())
@@ -320,8 +337,7 @@ def trace_summary(result: dict, window: int = 5) -> dict:
                "mean_restored": {k: _nan_to_none(v) for k, v in result["mean"].items()}}
     if "mlp" in kinds:
         summary["recommended_layers"] = recommend_layers(result, window)
-        effects = result["mean"]["mlp"][TOKEN_GROUPS.index("last subject token")] - result["corrupted"]
-        summary["peak_mlp_layer"] = int(effects.argmax())
+        summary["peak_mlp_layer"] = int(subject_last_effects(result).argmax())
     summary["prompts"] = [{"prompt": t.prompt, "subject": t.subject, "target": t.target, "tokens": t.tokens,
                            "subject_span": list(t.subject_span), "clean": t.clean, "corrupted": t.corrupted,
                            "restored": {k: v.tolist() for k, v in t.restored.items()}} for t in result["traces"]]

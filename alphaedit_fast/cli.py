@@ -70,10 +70,9 @@ def run_bench_model(args) -> None:
     name = local.resolve().name if local.is_dir() else args.model
     progress_line(f"bench {name}: loading the model ...")
     model, tok = load_model(resolve_model_name(args.model), args.dtype, args.device, args.device_map)
-    if hparams is None:
-        from .hparams import AlphaEditHyperParams
+    from .pretrained import resolve_hparams
 
-        hparams = AlphaEditHyperParams.for_model(model)
+    hparams = resolve_hparams(hparams, model)  # None: the preset matching the model
     result = bench_user_model(model, tok, requests, hparams, name, _bench_paths(args, "fast"), args.repeats,
                               args.batch_size, report=progress_line)
     where = "auto" if args.device_map else torch.device(result["device"]).type
@@ -279,7 +278,7 @@ def run_eval_factworld(args) -> None:
 
 def run_trace(args) -> None:
     """`trace`: causal tracing of a model's recall on records of a file or one --prompt."""
-    from .causal_trace import KINDS, recommend_layers, trace_requests, write_trace
+    from .causal_trace import check_kinds, recommend_layers, trace_requests, write_trace
     from .requests import load_requests
 
     if bool(args.requests) == bool(args.prompt):
@@ -303,9 +302,7 @@ def run_trace(args) -> None:
         if not requests:
             raise InvalidArgumentError(f"--start {args.start}: {args.requests} holds {len(records)} records")
     kinds = args.kinds.split(",")
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        raise InvalidArgumentError(f"--kinds: unknown {unknown}; choose from {','.join(KINDS)}")
+    check_kinds(kinds)  # before the model loads
     torch.set_num_threads(args.threads or torch.get_num_threads())
     source = resolve_model_name(args.model)
     progress_line(f"trace: loading {args.model} ...")

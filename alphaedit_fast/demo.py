@@ -139,28 +139,21 @@ REAL_FACTS = [
 
 def demo_statistics(model, tok, hparams, corpus=None, max_tokens: int = 16000, seed: int = 0):
     """Key statistics of the edited layers over `corpus` (a text file), or over text sampled from
-    the model itself when None; cached under the project's cache by model, corpus and budget."""
-    from .stats import KeyStatistics, collect_statistics, sample_corpus
-    from .storage import cache_root, file_fingerprint, model_fingerprint
+    the model itself when None (kept too); cached under the project's cache (`cached_statistics`)."""
+    from .stats import cached_statistics, sample_corpus
+    from .storage import cache_root, model_fingerprint
 
-    names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
-    source = f"corpus-{file_fingerprint(corpus)[:16]}" if corpus else f"sampled-seed{seed}"
     directory = cache_root() / "demo-stats"
-    path = directory / f"{model_fingerprint(model, names)[:16]}-{source}-{max_tokens}.safetensors"
-    if path.is_file():
-        print(f"key statistics: cached {path}", flush=True)
-        return KeyStatistics.load(path, model)
-    directory.mkdir(parents=True, exist_ok=True)
     if corpus is None:
-        corpus = directory / f"{path.stem}.txt"
-        print(f"no --corpus: sampling {max_tokens} tokens of text from the model itself for its key statistics "
-              "(give --corpus FILE, e.g. WikiText's wiki.test.raw, for real text)", flush=True)
-        sample_corpus(model, tok, corpus, max_tokens, seed=seed, progress=True)
-    print(f"key statistics of layers {hparams.layers} over {max_tokens} tokens of {corpus}", flush=True)
-    stats = collect_statistics(model, tok, corpus, hparams.layers, hparams.rewrite_module_tmp, max_tokens=max_tokens,
-                               max_length=256, batch_tokens=4096)
-    stats.save(path)
-    return stats
+        names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
+        corpus = directory / f"sampled-{model_fingerprint(model, names)[:16]}-seed{seed}-{max_tokens}.txt"
+        if not corpus.is_file():
+            directory.mkdir(parents=True, exist_ok=True)
+            print(f"no --corpus: sampling {max_tokens} tokens of text from the model itself for its key statistics "
+                  "(give --corpus FILE, e.g. WikiText's wiki.test.raw, for real text)", flush=True)
+            sample_corpus(model, tok, corpus, max_tokens, seed=seed, progress=True)
+    return cached_statistics(model, tok, corpus, hparams.layers, hparams.rewrite_module_tmp, max_tokens, directory,
+                             max_length=256)
 
 
 def greedy_continuation(model, tok, prompt: str, new_tokens: int = 8) -> str:

@@ -80,6 +80,27 @@ def iter_documents(corpus: str | Path, text_field: str = "text") -> Iterator[str
             yield text
 
 
+def cached_statistics(model, tok, corpus: str | Path, layers: list[int], rewrite_module_tmp: str, max_tokens: int,
+                      directory: str | Path, max_length: int = 512, progress: bool = True) -> KeyStatistics:
+    """`collect_statistics` of `layers` over `corpus`, kept in `directory` under a name made of the
+    model's fingerprint (of those layers), the corpus's and the token budget; a later call with
+    the same model, corpus, layers and budget reads the file instead."""
+    names = [rewrite_module_tmp.format(l) for l in layers]
+    path = Path(directory) / (f"{model_fingerprint(model, names)[:16]}-{file_fingerprint(corpus)[:16]}-{max_tokens}-"
+                              f"{max_length}.safetensors")
+    if path.is_file():
+        if progress:
+            print(f"key statistics: cached {path}", flush=True)
+        return KeyStatistics.load(path, model, corpus)
+    if progress:
+        print(f"key statistics of layers {layers} over {max_tokens} tokens of {corpus}", flush=True)
+    stats = collect_statistics(model, tok, corpus, layers, rewrite_module_tmp, max_tokens=max_tokens,
+                               max_length=max_length, batch_tokens=4096, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stats.save(path)
+    return stats
+
+
 def sample_corpus(model, tok, path: str | Path, n_tokens: int, seed: int = 0, length: int = 128,
                   batch_size: int = 16, progress: bool = False) -> Path:
     """Write about `n_tokens` tokens of text sampled from `model` (nucleus sampling, p = 0.95, from

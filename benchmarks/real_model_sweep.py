@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     from alphaedit_fast.evaluation import edit_request, load_cases, versions
     from alphaedit_fast.loading import load_model, resolve_model_name
     from alphaedit_fast.projector import nullspace_basis
-    from alphaedit_fast.stats import KeyStatistics, collect_statistics
-    from alphaedit_fast.storage import cache_root, model_fingerprint
+    from alphaedit_fast.stats import cached_statistics
+    from alphaedit_fast.storage import cache_root
     from alphaedit_fast.templates import get_context_templates
 
     model, tok = load_model(resolve_model_name(args.model))
@@ -78,15 +78,8 @@ def main(argv=None) -> int:
     configs = {name: AlphaEditHyperParams.from_dict({**base.to_dict(), **change}) for name, change in variants.items()}
     layers = sorted({l for h in configs.values() for l in h.layers})
     names = [base.rewrite_module_tmp.format(l) for l in layers]
-    stats_path = cache_root() / "sweep-stats" / (f"{model_fingerprint(model, names)[:16]}-{Path(args.corpus).name}-"
-                                                 f"{args.stats_tokens}-{'-'.join(map(str, layers))}.safetensors")
-    if stats_path.is_file():
-        stats = KeyStatistics.load(stats_path, model)
-    else:
-        stats = collect_statistics(model, tok, args.corpus, layers, base.rewrite_module_tmp,
-                                   max_tokens=args.stats_tokens, max_length=512, batch_tokens=4096)
-        stats_path.parent.mkdir(parents=True, exist_ok=True)
-        stats.save(stats_path)
+    stats = cached_statistics(model, tok, args.corpus, layers, base.rewrite_module_tmp, args.stats_tokens,
+                              cache_root() / "sweep-stats")
     start, count = (int(x) for x in args.records.split(":"))
     schema, cases = load_cases(args.requests)
     cases = cases[start : start + count]
