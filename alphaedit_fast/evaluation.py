@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidRequestError, RequestFileError
+from .head import own_logits
 from .positions import pad_right, pad_token_id
 from .requests import field, normalize_request, read_records, targets_token_ids
 
@@ -213,7 +214,6 @@ def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], ba
     answers = targets_token_ids(tok, [_spaced(t) for t in targets])
     order = sorted(range(len(prefixes)), key=lambda i: -(len(prefixes[i]) + len(answers[i])))
     head, backbone = model.get_output_embeddings(), model.base_model
-    softcap = getattr(model.config, "final_logit_softcapping", None)
     device = model.get_input_embeddings().weight.device
     results: list[tuple[float, list[bool]] | None] = [None] * len(prefixes)
     start = 0
@@ -225,9 +225,9 @@ def score_targets(model, tok, prompts: Sequence[str], targets: Sequence[str], ba
         hidden = backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
         row_of = torch.cat([torch.full((len(answers[i]),), r) for r, i in enumerate(rows)])
         at = torch.cat([torch.arange(len(answers[i])) + len(prefixes[i]) - 1 for i in rows])
-        logits = head(hidden[row_of.to(hidden.device), at.to(hidden.device)].to(head.weight.device)).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        # the model's own logits there: its head and whatever its forward does after it (head.py)
+        picked = hidden[row_of.to(hidden.device), at.to(hidden.device)].to(head.weight.device)
+        logits = own_logits(model, picked).float()
         wanted = torch.tensor([t for i in rows for t in answers[i]], device=logits.device)
         nll = -logits.log_softmax(-1).gather(1, wanted[:, None])[:, 0].double().cpu()
         hit = (logits.argmax(-1) == wanted).cpu()

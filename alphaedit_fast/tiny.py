@@ -32,6 +32,16 @@ FAMILY_CONFIGS: dict[str, dict] = {
                  intermediate_size=160, max_position_embeddings=128),
 }
 
+# The shape of any other decoder-only model type (config field names of the Llama lineage).
+DECODER_SHAPE = dict(FAMILY_CONFIGS["gemma"])
+
+# Families whose causal-LM forward transforms the head's output (head.py): a logit scale, a
+# logits divisor, set away from 1 so that a missing transform shows.
+OUTPUT_TRANSFORM_CONFIGS: dict[str, dict] = {
+    "cohere": dict(FAMILY_CONFIGS["llama"], logit_scale=0.5),
+    "granite": dict(FAMILY_CONFIGS["llama"], logits_scaling=8.0),
+}
+
 _NAMES = ["Danielle Darrieux", "Toko Yasuda", "Autonomous University of Madrid", "Edwin of Northumbria",
           "Apple A5", "Thomas Joannes Stieltjes", "Anaal Nathrakh", "Michel Denisot", "Pervez Musharraf"]
 _OBJECTS = ["French", "English", "Spain", "Sweden", "Google", "Apple", "Microsoft", "Paris", "London",
@@ -87,12 +97,14 @@ def tiny_tokenizer(add_bos: bool = False, padding_side: str = "right", vocab_siz
 def tiny_model(family: str, vocab_size: int = 512, seed: int = 0, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", **overrides) -> torch.nn.Module:
     """A random-initialised causal LM of `family` (4 layers, width 64, MLP 160 unless
-    overridden), in eval mode, built directly on `device` in `dtype`."""
+    overridden; a model type without an entry here gets `DECODER_SHAPE`), in eval mode, built
+    directly on `device` in `dtype`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .loading import dtype_kwargs
 
-    kwargs = {**FAMILY_CONFIGS[family], "vocab_size": vocab_size, **overrides}
+    shape = {**FAMILY_CONFIGS, **OUTPUT_TRANSFORM_CONFIGS}.get(family, DECODER_SHAPE)
+    kwargs = {**shape, "vocab_size": vocab_size, **overrides}
     kwargs.setdefault("initializer_range", 0.2)
     kwargs.setdefault("bos_token_id", 0)
     kwargs.setdefault("eos_token_id", 0 if family in ("gpt2", "gptj", "gpt_neox") else 1)

@@ -9,18 +9,23 @@ row's positions from its lookup position on (`suffix.py`), rows grouped by suffi
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .arch import FAMILIES, get_module
+from .arch import get_module
+from .head import head_is_plain, own_logits, soft_capped
 from .hparams import AlphaEditHyperParams
 from .keys import average_over_templates, request_texts
 from .modelstate import frozen
 from .ops import add_at_positions
+from .packing import packed_linears
 from .positions import absolute_positions, encode_batch, lookup_positions
 from .reference import compute_z_ref
 from .requests import normalize_requests, target_token_ids, z_templates
@@ -124,8 +129,8 @@ def compute_zs(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, 
     Requests are optimised together in micro-batches of `batch_size` (default: `z_batch_size`
     in the hyper-parameters' extra keys, else chosen from free memory), each with its own Adam
     moments, early stop and norm clamp; a finished request never moves again. With
-    `suffix_only` (default: on for the supported families) each step runs only the positions
-    delta reaches, against cached keys/values of the rest (`suffix.py`).
+    `suffix_only` (default: wherever a probe proves it exact, `fast_steps_exact`) each step runs
+    only the positions delta reaches, against cached keys/values of the rest (`suffix.py`).
     """
     requests = normalize_requests(requests)
     context_templates = check_context_templates(context_templates)
@@ -150,15 +155,19 @@ def optimise_zs_and_keys(model, tok, requests: list[dict], hparams: AlphaEditHyp
     fp32, as `keys.compute_keys(..., with_z_output=True)` gives them. Those are (None, None) when
     a key prompt's tokens up to its lookup position differ from the z prompt's (the target suffix
     merged into them) or no context template is the plain "{}"."""
-    if suffix_only is None:
-        suffix_only = hparams.extra.get("z_suffix_only", supports_suffix_steps(model))
     chunks = _micro_batches(model, requests, hparams, context_templates, batch_size)
+    packed = hparams.extra.get("z_packed", True)
+    if suffix_only is None:  # as configured where a probe proves it exact, else plain whole rows
+        wanted = hparams.extra.get("z_suffix_only", True)
+        exact = (wanted or packed) and fast_steps_exact(model, tok, requests, hparams, layer, context_templates,
+                                                        wanted, packed)
+        suffix_only, packed = wanted and exact, packed and exact
     parts = []
     with frozen(model):
         for index, chunk in enumerate(chunks):
             with z_progress_bar(index, len(chunks), hparams.v_num_grad_steps, progress) as bar:
-                parts.append(_optimise(model, tok, chunk, hparams, layer, context_templates, suffix_only, key_layer,
-                                       bar if progress else None))
+                parts.append(_optimise(model, tok, chunk, hparams, layer, context_templates, suffix_only, packed,
+                                       key_layer, bar if progress else None))
     zs = torch.cat([z for z, _, _ in parts])
     if any(keys is None for _, keys, _ in parts):
         return zs, None, None
@@ -173,10 +182,69 @@ def z_progress_bar(index: int, count: int, steps: int, enabled: bool) -> tqdm:
                 bar_format="{l_bar}{bar:10}| {n_fmt}/{total_fmt} steps{postfix} [{elapsed}<{remaining}]")
 
 
-def supports_suffix_steps(model) -> bool:
-    """Whether suffix-only steps are known to be exact on this model: the families tested
-    against whole-row steps (an unknown model with a familiar layout runs whole rows)."""
-    return getattr(model.config, "model_type", None) in FAMILIES
+# Per model: {(z layer, suffix_only, packed): whether such steps gave its plain whole-row outputs}
+_PROVEN_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# A wrong mask, position or cache moves a state by O(1); rounding, by far less than this.
+PROBE_RTOL = {torch.float32: 1e-3, torch.float64: 1e-6}
+PROBE_RTOL_16BIT = 5e-2
+
+
+def fast_steps_exact(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, layer: int,
+                     context_templates, suffix_only: bool, packed: bool) -> bool:
+    """Whether steps over suffixes only (`suffix_only`) and with `packed` linear layers are exact
+    on this model: decided once per model, z layer and mode by probing, not by the model's name.
+    One step with delta = 0 on the first two requests runs that way and over plain whole rows;
+    the outputs of the loss layer and of the last block at every suffix token must agree to
+    `PROBE_RTOL`. A model whose attention does not take the cache, mask or position ids as
+    suffix steps hand them over, or that raises, fails: it runs plain whole rows, with a warning."""
+    known = _PROVEN_STEPS.setdefault(model, {})
+    key = (layer, suffix_only, packed)
+    if key not in known:
+        try:
+            error = _probe_steps(model, tok, requests[:2], hparams, layer, context_templates, suffix_only, packed)
+            why = f"they differ from plain whole-row steps by {error:.1e} relative"
+        except Exception as exc:  # noqa: BLE001 - any failure means: not proven
+            error, why = float("inf"), f"they fail: {type(exc).__name__}: {exc}"
+        dtype = model.get_input_embeddings().weight.dtype
+        known[key] = error <= PROBE_RTOL.get(dtype, PROBE_RTOL_16BIT)
+        if not known[key]:
+            mode = " and ".join(["suffix-only"] * suffix_only + ["packed"] * packed)
+            warnings.warn(f"{mode} z steps are not exact on {type(model).__name__} ({why}); "
+                          "running plain whole rows (exact, slower)", stacklevel=3)
+    return known[key]
+
+
+def _probe_steps(model, tok, requests, hparams, layer, context_templates, suffix_only, packed) -> float:
+    """The largest relative difference, over the suffix tokens of `requests`' rows, between the
+    loss-layer and last-block outputs of a step in the given mode and of a plain whole-row step
+    (delta = 0)."""
+    device = model.get_input_embeddings().weight.device
+    batch = _prepare(tok, requests, context_templates, hparams.fact_token, device)
+    loss_layer = max(hparams.v_loss_layer, layer)
+    nothing = torch.zeros(0, dtype=torch.long, device=device)
+    with torch.no_grad():
+        first = _first_pass(model, hparams, layer, loss_layer, batch, nothing, nothing, with_kv=True)
+        cached, kv = first["cached"], first["kv"]
+        batch = _Batch(*[t.to(cached.device) for t in vars(batch).values()])
+        n = len(requests)
+        delta = cached.new_zeros(n, cached.shape[-1])
+        local_request = torch.arange(n, device=cached.device)
+        states = []
+        whole = torch.zeros_like(batch.positions)
+        for split_at, suffix, pack in ((batch.positions if suffix_only else whole, suffix_only, packed),
+                                       (whole, False, False)):
+            per_token = {}
+            for group in _row_groups(batch, split_at, cached, kv if suffix else None, layer, suffix, pack):
+                group_rows, h_loss, h_last = group.run(model, hparams, layer, loss_layer, first["tuple"],
+                                                       local_request, batch.row_request, batch.positions - split_at,
+                                                       delta, pack)
+                for i, row in enumerate(group_rows.tolist()):
+                    for position in range(int(batch.positions[row]), int(batch.attention_mask[row].sum())):
+                        slot = position - int(split_at[row])
+                        per_token[row, position] = torch.stack([h_loss[i, slot], h_last[i, slot]]).float()
+            states.append(per_token)
+    fast, plain = states
+    return max(float((fast[k] - plain[k]).norm(dim=-1).div(plain[k].norm(dim=-1)).max()) for k in plain)
 
 
 def _micro_batches(model, requests: list[dict], hparams: AlphaEditHyperParams, context_templates,
@@ -232,6 +300,11 @@ def _run_blocks_after(model, hparams: AlphaEditHyperParams, layer: int, loss_lay
         finally:
             handle.remove()
     return seen["loss"], seen["last"]
+
+
+def blocks_after(model, hparams: AlphaEditHyperParams, layer: int) -> list[torch.nn.Module]:
+    """The decoder blocks after block `layer`: those a value step runs."""
+    return list(get_module(model, hparams.layer_module_tmp.format("")[:-1]))[layer + 1 :]
 
 
 def _first_pass(model, hparams: AlphaEditHyperParams, layer: int, loss_layer: int, batch: _Batch,
@@ -291,9 +364,10 @@ class _RowGroup:
     selected: tuple = (None, None)  # (kept rows, their prefix keys/values), re-gathered when requests finish
 
     def run(self, model, hparams, layer: int, loss_layer: int, as_tuple: bool, local_request, row_request,
-            delta_at, delta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+            delta_at, delta, packed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The active rows' forward: (their batch rows, loss layer output (r, S, d), last block
-        output (r, S, d)), or None when none of them is active."""
+        output (r, S, d)), or None when none of them is active. `packed`: linear layers run on
+        the real suffix tokens only (`packing.py`)."""
         keep = (local_request[row_request[self.rows]] >= 0).nonzero().squeeze(1)
         if keep.numel() == 0:
             return None
@@ -308,18 +382,22 @@ class _RowGroup:
         def replay(hidden=self.hidden[keep], at=delta_at[rows], requests=local_request[row_request[rows]]):
             return add_at_positions(hidden, at, requests, delta)
 
-        h_loss, h_last = _run_blocks_after(model, hparams, layer, loss_layer, self.input_ids[keep].to(device),
-                                           split.attention_mask.to(device), replay, as_tuple, **kwargs)
+        mask = split.attention_mask.to(device)
+        packing = packed_linears(blocks_after(model, hparams, layer), split.suffix_mask) if packed else nullcontext()
+        with packing:
+            h_loss, h_last = _run_blocks_after(model, hparams, layer, loss_layer, self.input_ids[keep].to(device),
+                                               mask, replay, as_tuple, **kwargs)
         return rows, h_loss, h_last
 
 
 def _row_groups(batch: _Batch, split_at: torch.Tensor, cached: torch.Tensor, kv, layer: int,
-                suffix_only: bool) -> list[_RowGroup]:
-    """The rows split at `split_at` and grouped by suffix length (`group_by_suffix_length`),
-    each group with its replayed inputs and, from `kv` (every block's whole-row keys/values), its
-    prefixes' keys/values of the blocks after `layer`."""
+                suffix_only: bool, packed: bool) -> list[_RowGroup]:
+    """The rows split at `split_at` and grouped by suffix length (`group_by_suffix_length`;
+    one group when `packed`: padding then costs no linear-layer work), each group with its
+    replayed inputs and, from `kv` (every block's whole-row keys/values), its prefixes'
+    keys/values of the blocks after `layer`."""
     lengths = batch.attention_mask.sum(1) - split_at
-    if suffix_only:
+    if suffix_only and not packed:
         members = group_by_suffix_length(lengths.tolist(), forward_cost_tokens(cached.device))
     else:
         members = [list(range(len(lengths)))]
@@ -336,14 +414,15 @@ def _row_groups(batch: _Batch, split_at: torch.Tensor, cached: torch.Tensor, kv,
 
 
 def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, context_templates,
-              suffix_only: bool = True, key_layer: int | None = None, bar: tqdm | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+              suffix_only: bool = True, packed: bool = True, key_layer: int | None = None,
+              bar: tqdm | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """z of one micro-batch of requests (n, d_model) fp32, and with `key_layer` its keys and plain
     prompt outputs (see `optimise_zs_and_keys`), else (z, None, None).
 
     With `suffix_only` each step runs only the positions from each row's lookup position on,
     against the cached keys/values of the positions before it (`suffix.py`); else whole rows.
-    A `bar` (`z_progress_bar`) ticks at every loss evaluation; without one nothing is read back.
+    With `packed` the linear layers compute real tokens only (`packing.py`). A `bar`
+    (`z_progress_bar`) ticks at every loss evaluation; without one nothing is read back.
     """
     device = model.get_input_embeddings().weight.device
     batch = _prepare(tok, requests, context_templates, hparams.fact_token, device)
@@ -357,6 +436,8 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
     lm_w = lm_head.weight.T
     lm_b = lm_head.bias if getattr(lm_head, "bias", None) is not None else lm_w.new_zeros(lm_w.shape[1])
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    # The KL term reads the model's own logits; the rewriting loss, as the original, ln_f(h) @ W + b.
+    plain_head = head_is_plain(model, lm_w, lm_b, softcap)
 
     def head(hidden):  # (tokens, d) -> logits (tokens, vocab) in the model dtype; norm and head may sit apart
         return ln_f(hidden.to(lm_w.device)).to(lm_w.device) @ lm_w + lm_b
@@ -378,7 +459,7 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
     h0 = cached[batch.first_rows, batch.positions[batch.first_rows]]
     h0_norm = h0.norm(dim=-1).float()
     delta_at = batch.positions - split_at  # suffix coordinate of each row's lookup position
-    groups = _row_groups(batch, split_at, cached, kv, layer, suffix_only)
+    groups = _row_groups(batch, split_at, cached, kv, layer, suffix_only, packed)
     del kv  # whole rows, every block: only the prefixes of the blocks after the z layer are kept
     fixed_nll = torch.zeros(n, device=dev)
     if fixed_hidden is not None and fixed_hidden.shape[0]:
@@ -406,7 +487,7 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
 
         with torch.enable_grad():
             outputs = [group.run(model, hparams, layer, loss_layer, as_tuple, local_request, batch.row_request,
-                                 delta_at, active_delta) for group in groups]
+                                 delta_at, active_delta, packed) for group in groups]
             outputs = [out for out in outputs if out is not None]
             rows = torch.cat([group_rows for group_rows, _, _ in outputs])  # the order of h_loss, h_last
             width = max(h.shape[1] for _, h, _ in outputs)
@@ -423,14 +504,15 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
             hidden = h_loss[token_rows.to(h_loss.device), t_at[tokens].to(h_loss.device)]
             kl_rows = batch.kl_rows[active]
             last = h_last[local_row[kl_rows].to(h_last.device), delta_at[kl_rows].to(h_last.device)]
-            all_logits = head(torch.cat([hidden.to(lm_w.device), last.to(lm_w.device)]))
-            weighted = -(target_log_probs(all_logits[: len(hidden)], t_ids[tokens]).to(dev) * t_weights[tokens])
+            if plain_head:  # one LM-head product serves both
+                all_logits = head(torch.cat([hidden.to(lm_w.device), last.to(lm_w.device)]))
+                rewrite_logits, kl_logits = all_logits[: len(hidden)], soft_capped(all_logits[len(hidden) :], softcap)
+            else:
+                rewrite_logits = head(hidden)
+                kl_logits = own_logits(model, ln_f(last.to(lm_w.device)).to(lm_w.device))
+            weighted = -(target_log_probs(rewrite_logits, t_ids[tokens]).to(dev) * t_weights[tokens])
             nll = fixed_nll[active].index_add(0, row_request[token_rows], weighted)
-
-            logits = all_logits[len(hidden) :].float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            kl_log_probs = F.log_softmax(logits, dim=-1).to(dev)
+            kl_log_probs = F.log_softmax(kl_logits.float(), dim=-1).to(dev)
             if kl_init is None:
                 kl_init = kl_log_probs.detach().clone()
             kl = F.kl_div(kl_init[active], kl_log_probs, log_target=True, reduction="none").sum(-1)

@@ -6,6 +6,8 @@ where a target token is read before the lookup position (fact_token="last") and 
 windows shorter than the prompts.
 """
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -37,10 +39,23 @@ def _skip_unless_available(family):
         pytest.skip(f"transformers {transformers.__version__} has no {family} models")
 
 
+def _spy_step_widths(monkeypatch) -> list[int]:
+    """From now on, the sequence width of every step's forward (not the probe's: no gradients)."""
+    widths, run = [], values._run_blocks_after
+
+    def spy(*args, **kwargs):
+        if torch.is_grad_enabled():
+            widths.append(args[4].shape[1])
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(values, "_run_blocks_after", spy)
+    return widths
+
+
 def _zs_and_step_widths(model, tok, requests, hparams, suffix_only, monkeypatch):
     """z's of `compute_zs` and the sequence width of every step's forward."""
-    widths, run = [], values._run_blocks_after
-    monkeypatch.setattr(values, "_run_blocks_after", lambda *a, **k: widths.append(a[4].shape[1]) or run(*a, **k))
+    run = values._run_blocks_after
+    widths = _spy_step_widths(monkeypatch)
     zs = values.compute_zs(model, tok, requests, hparams, hparams.layers[-1], CONTEXT_TEMPLATES,
                            suffix_only=suffix_only)
     monkeypatch.setattr(values, "_run_blocks_after", run)
@@ -53,7 +68,9 @@ def test_suffix_steps_match_whole_rows(family, fact_token, monkeypatch):
     _skip_unless_available(family)
     model, tok = tiny_model(family), tiny_tokenizer_for(family)
     hparams = test_hparams(model, fact_token=fact_token)
-    assert values.supports_suffix_steps(model)
+    hparams.extra["z_packed"] = False  # rows grouped by suffix length (tests/test_packing.py: packed)
+    assert values.fast_steps_exact(model, tok, normalize_requests(MORE_REQUESTS), hparams, hparams.layers[-1],
+                                   CONTEXT_TEMPLATES, suffix_only=True, packed=True)
     monkeypatch.setitem(values.FORWARD_COST_TOKENS, "cpu", 10**6)  # one group: its width is the longest suffix
     whole, whole_widths = _zs_and_step_widths(model, tok, MORE_REQUESTS, hparams, False, monkeypatch)
     suffix, suffix_widths = _zs_and_step_widths(model, tok, MORE_REQUESTS, hparams, None, monkeypatch)
@@ -113,7 +130,60 @@ def test_sliding_window_shorter_than_the_prompts(family):
     assert ((unwindowed - ref).norm(dim=1) / ref.norm(dim=1)).max() > 1e-2  # the window mattered
 
 
-def test_unknown_model_type_runs_whole_rows():
-    model = tiny_model("llama")
+def test_unknown_model_type_is_probed_not_named(monkeypatch):
+    model, tok = tiny_model("llama"), tiny_tokenizer_for("llama")
     model.config.model_type = "my-llama"
-    assert not values.supports_suffix_steps(model)
+    hparams = test_hparams(model)
+    widths = _spy_step_widths(monkeypatch)
+    values.compute_zs(model, tok, REQUESTS, hparams, hparams.layers[-1], CONTEXT_TEMPLATES)
+    full = values._prepare(tok, normalize_requests(REQUESTS), CONTEXT_TEMPLATES, hparams.fact_token, "cpu")
+    assert max(widths) < full.input_ids.shape[1]  # suffix-only steps: proven by the probe, whatever the name
+
+
+def test_steps_the_probe_cannot_prove_run_plain_whole_rows(monkeypatch):
+    """An attention that drops the cached prefix (here: every step cache comes empty) makes
+    suffix steps wrong: the probe sees it, warns, and the z's are the reference's."""
+    from transformers import DynamicCache
+
+    model, tok = tiny_model("llama"), tiny_tokenizer_for("llama")
+    hparams = test_hparams(model)
+    monkeypatch.setattr(values, "step_cache", lambda model, prefix: DynamicCache())
+    with pytest.warns(UserWarning, match="not exact on LlamaForCausalLM"):
+        assert not values.fast_steps_exact(model, tok, normalize_requests(REQUESTS), hparams, hparams.layers[-1],
+                                           CONTEXT_TEMPLATES, suffix_only=True, packed=True)
+    widths = _spy_step_widths(monkeypatch)
+    fast = values.compute_zs(model, tok, REQUESTS, hparams, hparams.layers[-1], CONTEXT_TEMPLATES)
+    full = values._prepare(tok, normalize_requests(REQUESTS), CONTEXT_TEMPLATES, hparams.fact_token, "cpu")
+    assert set(widths) == {full.input_ids.shape[1]}  # whole rows
+    ref = reference_zs(model, tok, REQUESTS, hparams, CONTEXT_TEMPLATES)
+    assert_close_rel(fast, ref, z_rtol(model, hparams, ref.norm(dim=1).min().item()), dim=1, what="z")
+
+
+MIXED_WINDOWS = dict(sliding_window=3, layer_types=["sliding_attention", "full_attention"] * 2)
+PROBED_TYPES = {  # model type: (config overrides, whether suffix-only steps are exact on it)
+    "gemma3_text": (MIXED_WINDOWS, True),  # sliding-window and global layers mixed
+    "cohere2": (MIXED_WINDOWS, True),  # the same, and a logit scale
+    "olmo2": ({}, True),
+    "qwen3_5_text": ({}, False),  # linear-attention layers keep a recurrent state, not keys/values
+}
+
+
+@pytest.mark.parametrize("family", sorted(PROBED_TYPES))
+def test_probed_model_types_edit_as_the_reference(family, monkeypatch):
+    """Model types outside the named families: the probe decides suffix-only steps, and either
+    way the z's are the reference's."""
+    _skip_unless_available(family)
+    overrides, suffix_exact = PROBED_TYPES[family]
+    model, tok = tiny_model(family, **overrides), tiny_tokenizer_for(family)
+    hparams = test_hparams(model, fact_token="last")
+    requests = normalize_requests(MORE_REQUESTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if not suffix_exact else "error")
+        assert values.fast_steps_exact(model, tok, requests, hparams, hparams.layers[-1], CONTEXT_TEMPLATES,
+                                       suffix_only=True, packed=True) == suffix_exact
+    widths = _spy_step_widths(monkeypatch)
+    fast = values.compute_zs(model, tok, MORE_REQUESTS, hparams, hparams.layers[-1], CONTEXT_TEMPLATES)
+    full = values._prepare(tok, requests, CONTEXT_TEMPLATES, hparams.fact_token, "cpu")
+    assert (max(widths) < full.input_ids.shape[1]) == suffix_exact
+    ref = reference_zs(model, tok, MORE_REQUESTS, hparams, CONTEXT_TEMPLATES)
+    assert_close_rel(fast, ref, z_rtol(model, hparams, ref.norm(dim=1).min().item()), dim=1, what="z")

@@ -104,7 +104,13 @@ def test_early_stopped_requests_do_not_move(family, monkeypatch):
     import alphaedit_fast.values as values
 
     rows_run, run = [], values._run_blocks_after
-    monkeypatch.setattr(values, "_run_blocks_after", lambda *a, **k: rows_run.append(len(a[4])) or run(*a, **k))
+
+    def spy(*args, **kwargs):
+        if torch.is_grad_enabled():  # a step (the probe of fast_steps_exact runs without gradients)
+            rows_run.append(len(args[4]))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(values, "_run_blocks_after", spy)
     model, tok = tiny_model(family), tiny_tokenizer_for(family)
     hparams = test_hparams(model, fact_token="last", v_lr=2.0, v_num_grad_steps=40, clamp_norm_factor=8.0,
                            kl_factor=0.0, v_weight_decay=0.0)
