@@ -34,12 +34,23 @@ _NEOX = ModelSpec("gpt_neox", "gpt_neox.layers.{}", "gpt_neox.layers.{}.mlp.dens
 _LLAMA_LIKE = ModelSpec("llama", "model.layers.{}", "model.layers.{}.mlp.down_proj", "model.layers.{}.mlp",
                         "model.layers.{}.self_attn", "model.norm", "lm_head")
 
+# Dense MLPs whose output projection has another name
+_PHI = ModelSpec("phi", "model.layers.{}", "model.layers.{}.mlp.fc2", "model.layers.{}.mlp",
+                 "model.layers.{}.self_attn", "model.final_layernorm", "lm_head")
+_STARCODER2 = ModelSpec("starcoder2", "model.layers.{}", "model.layers.{}.mlp.c_proj", "model.layers.{}.mlp",
+                        "model.layers.{}.self_attn", "model.norm", "lm_head")
+_FALCON = ModelSpec("falcon", "transformer.h.{}", "transformer.h.{}.mlp.dense_4h_to_h", "transformer.h.{}.mlp",
+                    "transformer.h.{}.self_attention", "transformer.ln_f", "lm_head")
+
 FAMILIES: dict[str, ModelSpec] = {
     "gpt2": _GPT2,
     "gptj": _GPTJ,
     "gpt_neox": _NEOX,
     **{name: replace(_LLAMA_LIKE, family=name)
        for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")},
+    "phi": _PHI,
+    "starcoder2": _STARCODER2,
+    "falcon": _FALCON,
 }
 
 
@@ -81,6 +92,11 @@ def detect(model: torch.nn.Module) -> ModelSpec:
             family = spec.family if model_type in FAMILIES else (model_type or spec.family)
             return replace(spec, family=family, num_layers=num_layers,
                            lm_head_module=_output_embedding_name(model, spec.lm_head_module))
+    if any(name.endswith(".experts") for name, _ in model.named_modules()):
+        raise ModelStructureError(
+            f"{type(model).__name__} (model_type={model_type!r}) is a mixture-of-experts model whose MLPs have no "
+            "single dense output projection: AlphaEdit edits dense MLP layers; where some layers are dense, pass "
+            "explicit module templates and those layers in AlphaEditHyperParams")
     raise ModelStructureError(
         f"cannot tell where the MLP output projections of {type(model).__name__} "
         f"(model_type={model_type!r}) are; supported families: {sorted(FAMILIES)}. "

@@ -32,8 +32,13 @@ FAMILY_CONFIGS: dict[str, dict] = {
                  intermediate_size=160, max_position_embeddings=128),
 }
 
-# The shape of any other decoder-only model type (config field names of the Llama lineage).
+# The shape of any other decoder-only model type (config field names of the Llama lineage),
+# and of those that name their fields otherwise.
 DECODER_SHAPE = dict(FAMILY_CONFIGS["gemma"])
+OTHER_SHAPES: dict[str, dict] = {
+    "falcon": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, ffn_hidden_size=160,
+                   max_position_embeddings=128),
+}
 
 # Families whose causal-LM forward transforms the head's output (head.py): a logit scale, a
 # logits divisor, set away from 1 so that a missing transform shows.
@@ -103,7 +108,7 @@ def tiny_model(family: str, vocab_size: int = 512, seed: int = 0, dtype: torch.d
 
     from .loading import dtype_kwargs
 
-    shape = {**FAMILY_CONFIGS, **OUTPUT_TRANSFORM_CONFIGS}.get(family, DECODER_SHAPE)
+    shape = {**FAMILY_CONFIGS, **OUTPUT_TRANSFORM_CONFIGS, **OTHER_SHAPES}.get(family, DECODER_SHAPE)
     kwargs = {**shape, "vocab_size": vocab_size, **overrides}
     kwargs.setdefault("initializer_range", 0.2)
     kwargs.setdefault("bos_token_id", 0)

@@ -67,6 +67,7 @@ def check_model(model, hparams: AlphaEditHyperParams) -> list[torch.nn.Module]:
     modules = []
     for layer in hparams.layers:
         name = hparams.rewrite_module_tmp.format(layer)
+        check_dense_mlp(model, hparams, layer)
         module = get_module(model, name)
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
@@ -91,6 +92,21 @@ def check_model(model, hparams: AlphaEditHyperParams) -> list[torch.nn.Module]:
             "docs/real-models.md); check the model's other predictions after editing",
             NormalisedMLPOutputWarning, stacklevel=3)
     return modules
+
+
+def check_dense_mlp(model, hparams: AlphaEditHyperParams, layer: int) -> None:
+    """Refuse a layer whose MLP is a mixture of experts (it has `experts`), naming the dense layers."""
+    mlp = dict(model.named_modules()).get(hparams.mlp_module_tmp.format(layer))
+    if mlp is None or not any(name.split(".")[-1] == "experts" for name, _ in mlp.named_modules()):
+        return
+    blocks = get_module(model, hparams.layer_module_tmp.format("")[:-1])
+    names = dict(model.named_modules())
+    dense = [l for l in range(len(blocks)) if hparams.rewrite_module_tmp.format(l) in names]
+    raise ModelStructureError(
+        f"layer {layer} of {type(model).__name__} has a mixture-of-experts MLP ({type(mlp).__name__}): AlphaEdit "
+        "edits one dense MLP output projection per layer, and routed experts have none; "
+        + (f"this model's dense layers are {dense}: choose layers among them" if dense
+           else "this model has no dense MLP layer to edit"))
 
 
 POST_MLP_NORM = "post_feedforward_layernorm"  # Gemma 2 and 3: norm(MLP(x)) joins the residual stream

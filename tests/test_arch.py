@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import transformers
@@ -31,3 +33,31 @@ def test_unknown_model_is_refused():
 def test_missing_module_names_it():
     with pytest.raises(ModelStructureError, match="model.layers.9.mlp.down_proj"):
         get_module(tiny_model("llama"), "model.layers.9.mlp.down_proj")
+
+
+MOE_EXPERTS = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+
+
+@pytest.mark.parametrize("family, overrides, dense", [
+    ("qwen3_moe", dict(MOE_EXPERTS, mlp_only_layers=[0, 1]), [0, 1]),
+    ("qwen2_moe", dict(MOE_EXPERTS, shared_expert_intermediate_size=32, mlp_only_layers=[0]), [0]),
+])
+def test_mixture_of_experts_layers_are_refused_naming_the_dense_ones(family, overrides, dense):
+    """A routed MLP has no single output projection (Qwen2-MoE's gated shared expert is not
+    one either): editing such a layer is refused, with the dense layers named; those edit."""
+    from alphaedit_fast import AlphaEditHyperParams
+    from alphaedit_fast.validation import check_model
+
+    if family not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {family} models")
+    model = tiny_model(family, **overrides)
+    refusal = rf"layer 2 .*mixture-of-experts.*dense layers are {re.escape(str(dense))}"
+    with pytest.raises(ModelStructureError, match=refusal):
+        check_model(model, AlphaEditHyperParams.for_model(model, layers=[dense[-1], 2]))
+    assert len(check_model(model, AlphaEditHyperParams.for_model(model, layers=dense))) == len(dense)
+
+
+def test_all_experts_model_is_refused_as_such():
+    model = tiny_model("mixtral", num_local_experts=4, num_experts_per_tok=2)
+    with pytest.raises(ModelStructureError, match="mixture-of-experts model"):
+        detect(model)

@@ -165,6 +165,13 @@ PROBED_TYPES = {  # model type: (config overrides, whether suffix-only steps are
     "cohere2": (MIXED_WINDOWS, True),  # the same, and a logit scale
     "olmo2": ({}, True),
     "qwen3_5_text": ({}, False),  # linear-attention layers keep a recurrent state, not keys/values
+    # dense MLPs whose output projection has another name (arch.py)
+    "phi": ({}, True),  # mlp.fc2, final_layernorm, partial rotary
+    "starcoder2": ({}, True),  # mlp.c_proj
+    "falcon": (dict(new_decoder_architecture=True, num_kv_heads=2), True),  # mlp.dense_4h_to_h
+    # mixture of experts after dense layers: the edited layers 1, 2 are dense, layer 3 routes tokens
+    "qwen3_moe": (dict(mlp_only_layers=[0, 1, 2], num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+                  True),
 }
 
 
@@ -176,6 +183,7 @@ def test_probed_model_types_edit_as_the_reference(family, monkeypatch):
     overrides, suffix_exact = PROBED_TYPES[family]
     model, tok = tiny_model(family, **overrides), tiny_tokenizer_for(family)
     hparams = test_hparams(model, fact_token="last")
+    assert hparams.rewrite_module_tmp.format(0) in dict(model.named_modules())
     requests = normalize_requests(MORE_REQUESTS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if not suffix_exact else "error")
