@@ -92,7 +92,8 @@ def print_edit_result(label: str, result: dict, path: Path) -> None:
     tokens = result["z_step_tokens"]
     print(f"{label} tokens per z step: {tokens['padded']} padded, {tokens['real']} real, {tokens['suffix']} at or "
           f"after the lookup position ({tokens['suffix'] / tokens['padded']:.0%} of padded), "
-          f"{tokens['suffix_padded']} run per suffix-only step")
+          f"all that the linear layers of a packed suffix-only step run ({tokens['suffix_padded']} slots "
+          "unpacked, grouped by suffix length)")
     for name, peaks in result["peak_memory_bytes"].items():
         print(f"{label} {name:>9} peak memory: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in peaks.items()))
     if "speedup" in result:

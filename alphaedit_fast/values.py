@@ -260,8 +260,9 @@ def z_step_tokens(model, tok, requests, hparams: AlphaEditHyperParams, context_t
     """Token slots the first z step pushes through the blocks after the z layer, summed over the
     micro-batches: `padded` (rows x longest row, as whole-row steps run), `real` (non-padding),
     `suffix` (each row's lookup position to its end: under causal attention the only positions a
-    step changes) and `suffix_padded` (rows x longest suffix in each group of rows, as suffix-only
-    steps run them on the model's device)."""
+    step changes, and what the linear layers of packed suffix-only steps run) and
+    `suffix_padded` (rows x longest suffix in each group of rows, as unpacked suffix-only steps
+    run them on the model's device)."""
     counts = {"padded": 0, "real": 0, "suffix": 0, "suffix_padded": 0}
     cost = forward_cost_tokens(model.get_input_embeddings().weight.device)
     for chunk in _micro_batches(model, normalize_requests(requests), hparams, context_templates, batch_size):
