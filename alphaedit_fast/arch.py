@@ -92,7 +92,7 @@ def detect(model: torch.nn.Module) -> ModelSpec:
             family = spec.family if model_type in FAMILIES else (model_type or spec.family)
             return replace(spec, family=family, num_layers=num_layers,
                            lm_head_module=_output_embedding_name(model, spec.lm_head_module))
-    if any(name.endswith(".experts") for name, _ in model.named_modules()):
+    if has_experts(model):
         raise ModelStructureError(
             f"{type(model).__name__} (model_type={model_type!r}) is a mixture-of-experts model whose MLPs have no "
             "single dense output projection: AlphaEdit edits dense MLP layers; where some layers are dense, pass "
@@ -102,6 +102,11 @@ def detect(model: torch.nn.Module) -> ModelSpec:
         f"(model_type={model_type!r}) are; supported families: {sorted(FAMILIES)}. "
         "Pass explicit module templates in AlphaEditHyperParams instead."
     )
+
+
+def has_experts(module: torch.nn.Module) -> bool:
+    """Whether `module` holds a mixture of experts: a submodule, at any depth, named `experts`."""
+    return any(name.rsplit(".", 1)[-1] == "experts" for name, _ in module.named_modules())
 
 
 def stores_keys_first(module: torch.nn.Module) -> bool:

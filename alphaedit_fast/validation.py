@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .arch import get_module, key_width, max_positions, stores_keys_first
+from .arch import get_module, has_experts, key_width, max_positions, stores_keys_first
 from .errors import (
     HyperParamsError,
     InvalidArgumentError,
@@ -96,11 +96,14 @@ def check_model(model, hparams: AlphaEditHyperParams) -> list[torch.nn.Module]:
 
 def check_dense_mlp(model, hparams: AlphaEditHyperParams, layer: int) -> None:
     """Refuse a layer whose MLP is a mixture of experts (it has `experts`), naming the dense layers."""
-    mlp = dict(model.named_modules()).get(hparams.mlp_module_tmp.format(layer))
-    if mlp is None or not any(name.split(".")[-1] == "experts" for name, _ in mlp.named_modules()):
+    try:
+        mlp = model.get_submodule(hparams.mlp_module_tmp.format(layer))
+    except AttributeError:
+        return  # no MLP module under that name: the rewrite module's own check reports it
+    if not has_experts(mlp):
         return
     blocks = get_module(model, hparams.layer_module_tmp.format("")[:-1])
-    names = dict(model.named_modules())
+    names = {name for name, _ in model.named_modules()}
     dense = [l for l in range(len(blocks)) if hparams.rewrite_module_tmp.format(l) in names]
     raise ModelStructureError(
         f"layer {layer} of {type(model).__name__} has a mixture-of-experts MLP ({type(mlp).__name__}): AlphaEdit "

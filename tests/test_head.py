@@ -7,7 +7,6 @@ logits the model itself gives, on transformers 4.4x and 5.x.
 
 import pytest
 import torch
-import transformers
 
 import alphaedit_fast.values as values
 from alphaedit_fast.evaluation import score_targets
@@ -15,15 +14,11 @@ from alphaedit_fast.head import head_is_plain, own_logits
 from alphaedit_fast.tiny import FAMILY_CONFIGS, OUTPUT_TRANSFORM_CONFIGS, tiny_model, tiny_tokenizer_for
 
 from .conftest import CONTEXT_TEMPLATES, REQUESTS, assert_close_rel, test_hparams, tolerance, z_rtol
+from .test_suffix import _skip_unless_available
 from .test_values import reference_zs
 
 TRANSFORMS = sorted(OUTPUT_TRANSFORM_CONFIGS)
 PROMPTS = ["The mother tongue of Toko Yasuda is", "Apple A5 was developed by Google"]
-
-
-def _skip_unless_available(family):
-    if family not in transformers.CONFIG_MAPPING:
-        pytest.skip(f"transformers {transformers.__version__} has no {family} models")
 
 
 def _plain(model) -> bool:
