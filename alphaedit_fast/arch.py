@@ -82,10 +82,42 @@ def _output_embedding_name(model: torch.nn.Module, default: str) -> str:
     return default
 
 
+# Where a multimodal wrapper keeps its language model's modules: transformers 5 puts the decoder at
+# `model.language_model` (Qwen3.5, Gemma 3, Mistral 3 ...), 4.x wraps a whole causal LM at `language_model`.
+_WRAPPER_PREFIXES = (("model.", "model.language_model."), ("", "language_model."))
+
+
+def _wrapped(spec: ModelSpec, old: str, new: str) -> ModelSpec:
+    """`spec` with its module templates' prefix `old` replaced by `new` (the head is found by identity)."""
+    names = ("layer_module_tmp", "rewrite_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module")
+    if not all(getattr(spec, name).startswith(old) for name in names):
+        return spec
+    return replace(spec, **{name: new + getattr(spec, name)[len(old):] for name in names})
+
+
+def same_layout(name: str, other: str) -> bool:
+    """Whether two module names are one, up to a multimodal wrapper's prefix (`_WRAPPER_PREFIXES`)."""
+    def unwrapped(value: str) -> str:
+        for old, new in _WRAPPER_PREFIXES:
+            if value.startswith(new):
+                return old + value[len(new):]
+        return value
+
+    return unwrapped(name) == unwrapped(other)
+
+
+def text_config(model: torch.nn.Module):
+    """The config of `model`'s language model: the text config of a multimodal wrapper, else its own."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def detect(model: torch.nn.Module) -> ModelSpec:
-    """The ModelSpec of `model`: by `config.model_type`, else by probing the known layouts."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    candidates = [FAMILIES[model_type]] if model_type in FAMILIES else list(FAMILIES.values())
+    """The ModelSpec of `model`: by its (text) `model_type`, else by probing the known layouts, also
+    under a multimodal wrapper's `model.language_model` / `language_model`."""
+    model_type = getattr(text_config(model), "model_type", None) if hasattr(model, "config") else None
+    known = [FAMILIES[model_type]] if model_type in FAMILIES else list(FAMILIES.values())
+    candidates = known + [_wrapped(spec, old, new) for old, new in _WRAPPER_PREFIXES for spec in known]
     for spec in candidates:
         if _has_module(model, spec.rewrite_module_tmp.format(0)) and _has_module(model, spec.ln_f_module):
             num_layers = len(get_module(model, spec.layer_module_tmp.format("")[:-1]))
@@ -132,7 +164,7 @@ def key_width(module: torch.nn.Module) -> int:
 
 def max_positions(model: torch.nn.Module) -> int | None:
     """The longest sequence the model's position embeddings cover, when its config says."""
-    config = model.config
+    config = text_config(model)
     for name in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

@@ -48,6 +48,10 @@ def own_logits(model: torch.nn.Module, normed: torch.Tensor) -> torch.Tensor:
     (`model.base_model_prefix`) replaced by a stand-in returning `normed`."""
     prefix = getattr(model, "base_model_prefix", "")
     backbone = getattr(model, prefix, None) if prefix else None
+    inner = getattr(model, "language_model", None)
+    if (not isinstance(backbone, torch.nn.Module) and isinstance(inner, torch.nn.Module)
+            and hasattr(inner, "get_output_embeddings") and inner.get_output_embeddings() is not None):
+        return own_logits(inner, normed)  # a transformers 4 multimodal wrapper around a whole causal LM
     if not isinstance(backbone, torch.nn.Module) or backbone is model:
         raise ModelStructureError(f"{type(model).__name__} has no backbone under {prefix!r}: its logits "
                                   "cannot be computed from hidden states")

@@ -39,17 +39,18 @@ def find_preset(name: str) -> str | None:
     return next((preset for preset in preset_names() if _squash(preset) == key), None)
 
 
-def matching_preset(config) -> str | None:
+def matching_preset(config, name_or_path: str | None = None) -> str | None:
     """The preset whose `"architecture"` (model_type, depth, widths) equals `config`'s, or None.
 
-    Presets of one shape (Llama3-8B and llama3.1-8b) are told apart by `config._name_or_path`: one
-    whose name it contains wins, else the first in `preset_names()` (Llama3-8B, the original's).
+    Presets of one shape (Llama3-8B and llama3.1-8b) are told apart by `name_or_path` (default
+    `config._name_or_path`): one whose name it contains wins, else the first in `preset_names()`
+    (Llama3-8B, the original's).
     """
     def fits(architecture) -> bool:
         return bool(architecture) and all(getattr(config, k, None) == v for k, v in architecture.items())
 
     matches = [name for name in preset_names() if fits(AlphaEditHyperParams.load(name).extra.get("architecture"))]
-    hint = _squash(getattr(config, "_name_or_path", "") or "")
+    hint = _squash(name_or_path if name_or_path is not None else getattr(config, "_name_or_path", "") or "")
     named = [name for name in matches if _squash(name) in hint]
     return (named or matches or [None])[0]
 
@@ -193,8 +194,10 @@ class AlphaEditHyperParams:
     def _matching_preset_values(cls, model, spec) -> dict[str, Any]:
         """The values of the preset matching `model`, plus "preset": its name; HyperParamsError when
         none matches or its module templates are not `spec`'s."""
-        config = model.config
-        name = matching_preset(config)
+        from .arch import same_layout, text_config
+
+        config = text_config(model)
+        name = matching_preset(config, getattr(model.config, "_name_or_path", "") or "")
         if name is None:
             raise HyperParamsError(
                 f"no preset fits {type(model).__name__} (model_type={getattr(config, 'model_type', None)!r}, "
@@ -205,11 +208,12 @@ class AlphaEditHyperParams:
                 f"GPT-J-6B. Presets (used when the model's shape matches one): {', '.join(preset_names())}")
         preset = cls.load(name)
         wrong = {k: (getattr(preset, k), getattr(spec, k))
-                 for k in TEMPLATE_FIELDS if getattr(preset, k) != getattr(spec, k)}
+                 for k in TEMPLATE_FIELDS if not same_layout(getattr(preset, k), getattr(spec, k))}
         if wrong:
             raise HyperParamsError(f"preset {name} fits the shape of {type(model).__name__} but not its modules "
                                    f"(preset, model): {wrong}; pass layers= to use the model's modules")
-        return {**preset.to_dict(), "preset": name}
+        # the model's own names: a text model's preset also fits the model under a multimodal wrapper
+        return {**preset.to_dict(), **{k: getattr(spec, k) for k in TEMPLATE_FIELDS}, "preset": name}
 
     def to_dict(self) -> dict[str, Any]:
         """The original flat JSON layout, extra keys included."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import unicodedata
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -79,6 +80,7 @@ def check_model(model, hparams: AlphaEditHyperParams) -> list[torch.nn.Module]:
                 f"rewrite module {name!r} writes {out_width} features but the model's hidden width is {d_model}; "
                 "rewrite_module_tmp must name the MLP's output projection (e.g. 'model.layers.{}.mlp.down_proj')")
         modules.append(module)
+    check_block_calls(model, hparams.layer_module_tmp)
     widths = {key_width(m) for m in modules}
     if len(widths) != 1:
         raise ModelStructureError(f"rewrite modules of layers {hparams.layers} differ in input width: {widths}")
@@ -92,6 +94,69 @@ def check_model(model, hparams: AlphaEditHyperParams) -> list[torch.nn.Module]:
             "docs/real-models.md); check the model's other predictions after editing",
             NormalisedMLPOutputWarning, stacklevel=3)
     return modules
+
+
+_BLOCK_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_block_calls(model, layer_module_tmp: str) -> None:
+    """Refuse a model whose forward does not run its blocks once each, in order (looped depth,
+    as in Dory), or whose blocks hand the next block more than the hidden state (GLM-MoE-DSA's
+    top-k indices): the z step replays block `layer` from its hidden state and runs the blocks
+    after it once each. Decided once per model by a forward of two tokens."""
+    known = _BLOCK_CALLS.setdefault(model, {})
+    if layer_module_tmp not in known:
+        known[layer_module_tmp] = _block_calls(model, layer_module_tmp)
+    order, extra = known[layer_module_tmp]
+    name = type(model).__name__
+    if order != list(range(len(get_module(model, layer_module_tmp.format("")[:-1])))):
+        shown = ", ".join(map(str, order[:24])) + (", ..." if len(order) > 24 else "")
+        raise ModelStructureError(
+            f"{name}'s forward does not run its blocks once each in order (it runs blocks {shown}: {len(order)} "
+            "calls): AlphaEdit edits a layer that runs once, and its z step runs the blocks after that layer once each")
+    if extra:
+        raise ModelStructureError(
+            f"the blocks of {name} return {extra} besides the hidden state, which the next block takes: the z step "
+            "restarts the forward from one block's hidden state, so it cannot run this model")
+
+
+def _block_calls(model, layer_module_tmp: str) -> tuple[list[int], str]:
+    """(the order the forward calls the blocks in, a description of any tensors a block returns
+    besides its hidden state, or "")."""
+    from .trace import run_model
+
+    blocks = list(get_module(model, layer_module_tmp.format("")[:-1]))
+    order: list[int] = []
+    extra: list[str] = []
+    handed_on: dict[int, torch.Tensor] = {}  # id -> tensor: what the last block returned besides its hidden state
+
+    def check_inputs(module, args, kwargs):
+        given = [*args, *kwargs.values()]
+        extra.extend(f"{type(value).__name__} {tuple(value.shape)}" for value in given
+                     if isinstance(value, torch.Tensor) and handed_on.get(id(value)) is value)
+
+    def record(index):
+        def hook(module, args, kwargs, output):
+            order.append(index)
+            handed_on.clear()
+            if isinstance(output, tuple):
+                handed_on.update({id(value): value for value in output[1:] if isinstance(value, torch.Tensor)})
+        return hook
+
+    handles = [handle for i, block in enumerate(blocks)
+               for handle in (block.register_forward_pre_hook(check_inputs, with_kwargs=True),
+                              block.register_forward_hook(record(i), with_kwargs=True))]
+    device = model.get_input_embeddings().weight.device
+    try:
+        with torch.no_grad():
+            run_model(model, torch.zeros(1, 2, dtype=torch.long, device=device),
+                      torch.ones(1, 2, dtype=torch.long, device=device))
+    except Exception:  # noqa: BLE001 - a model that needs more than tokens: the edit's own forward will say
+        return list(range(len(blocks))), ""
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order, ", ".join(sorted(set(extra)))
 
 
 def check_dense_mlp(model, hparams: AlphaEditHyperParams, layer: int) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .arch import get_module
+from .arch import get_module, text_config
 from .head import head_is_plain, own_logits, soft_capped
 from .hparams import AlphaEditHyperParams
 from .keys import average_over_templates, request_texts
@@ -114,7 +114,7 @@ def default_z_batch_size(model, rows_per_request: int) -> int:
     if device.type != "cuda":
         return 16
     free, _ = torch.cuda.mem_get_info(device)
-    config = model.config
+    config = text_config(model)
     width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 1024)
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 32)
     # activations kept for backward: ~40 floats of width d per token per block, 32 tokens a prompt
@@ -436,7 +436,7 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
     lm_head = get_module(model, hparams.lm_head_module)
     lm_w = lm_head.weight.T
     lm_b = lm_head.bias if getattr(lm_head, "bias", None) is not None else lm_w.new_zeros(lm_w.shape[1])
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    softcap = getattr(text_config(model), "final_logit_softcapping", None)
     # The KL term reads the model's own logits; the rewriting loss, as the original, ln_f(h) @ W + b.
     plain_head = head_is_plain(model, lm_w, lm_b, softcap)
 

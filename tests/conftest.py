@@ -96,12 +96,25 @@ def forward_accumulation_length(model, blocks: int | None = None, seq: int = 32)
     relative errors of successive sums add up in quadrature like the terms of one longer sum,
     so the lengths add; the blocks of these random tiny models have a gain of order one.
     """
-    cfg = model.config
-    d = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-    d_ff = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d
-    head_dim = getattr(cfg, "head_dim", None) or d // heads
-    n_blocks = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    from alphaedit_fast.arch import text_config
+
+    cfg = text_config(model)
+
+    def field(*names):  # the first of `names` the config has (per-layer configs refuse a global read)
+        for name in names:
+            try:
+                value = getattr(cfg, name, None)
+            except Exception:  # noqa: BLE001
+                value = None
+            if value:
+                return value
+        return None
+
+    d = field("hidden_size", "n_embd")
+    heads = field("num_attention_heads", "n_head")
+    d_ff = field("intermediate_size", "n_inner") or 4 * d
+    head_dim = field("head_dim") or d // heads
+    n_blocks = field("num_hidden_layers", "n_layer")
     per_block = 5 * d + head_dim + seq + d_ff
     return per_block * (n_blocks if blocks is None else blocks) + d
 

@@ -4,6 +4,7 @@ import re
 import sys
 
 import pytest
+import transformers
 from transformers import GPT2Config, GPTJConfig, LlamaConfig, Qwen2Config
 
 from alphaedit_fast import AlphaEditHyperParams, HyperParamsError
@@ -130,7 +131,7 @@ def factworld_model():
 
 def test_every_preset_loads_with_its_source_and_architecture():
     assert preset_names() == ["EleutherAI_gpt-j-6B", "factworld", "gemma3-270m", "gpt2-xl", "Llama3-8B",
-                              "llama3.1-8b", "qwen2.5-7b", "smollm2-135m"]
+                              "llama3.1-8b", "qwen2.5-7b", "qwen3.5-27b", "smollm2-135m"]
     for name in preset_names():
         hp = AlphaEditHyperParams.load(name)
         depth = hp.extra["architecture"]["num_hidden_layers"]
@@ -262,6 +263,20 @@ LLAMA3_SHAPE = dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14
 ])
 def test_matching_preset_compares_model_type_depth_and_widths(config, preset):
     assert matching_preset(config) == preset
+
+
+def test_qwen3_5_27b_preset_holds_the_authors_values_and_fits_its_shape():
+    hp = AlphaEditHyperParams.load("qwen3.5-27b")
+    assert "jianghoucheng/AlphaEdit" in hp.extra["source"] and hp.extra["source"].split(" ")[0].endswith(
+        "/configs/qwen3.5-27b.json")
+    assert (hp.layers, hp.v_lr, hp.v_loss_layer, hp.v_weight_decay, hp.clamp_norm_factor, hp.kl_factor, hp.L2,
+            hp.nullspace_threshold, hp.mom2_n_samples) == ([4, 5, 6, 7, 8], 0.1, 63, 0.5, 0.75, 0.0625, 10.0, 0.02,
+                                                           100000)
+    config_class = getattr(transformers, "Qwen3_5TextConfig", None)
+    if config_class is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3.5")
+    assert matching_preset(config_class(num_hidden_layers=64, hidden_size=5120, intermediate_size=17408)) == \
+        "qwen3.5-27b"
 
 
 def test_for_model_takes_the_matching_preset(factworld_model):
