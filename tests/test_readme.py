@@ -31,7 +31,7 @@ README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 # the order the pages' blocks run in (each uses files the README's and the earlier pages' blocks wrote)
 PAGES = ["eval.md", "statistics.md", "usage.md", "integrations.md", "benchmarks.md", "hot-ops.md", "design.md",
-         "real-models.md"]
+         "real-models.md", "families.md"]
 FILES = [README] + [DOCS / page for page in PAGES]
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
