@@ -241,16 +241,24 @@ def run_eval_requests(args) -> None:
         context_templates=args.context_templates, dtype=args.dtype, device=args.device, device_map=args.device_map,
         allow_foreign_projector=args.allow_foreign_projector, progress=True)
     metrics, records = evaluate_edits(editor, cases, schema, args.batch_size or len(cases), before=not args.no_before,
-                                      curve=args.curve)
+                                      curve=args.curve, fluency=not args.no_fluency,
+                                      generation_length=args.generation_length)
     metrics.update(model=str(model), requests=str(args.requests), hparams=editor.hparams.to_dict(),
                    context_templates=editor.context_templates, projector=args.projector or args.stats or "corpus",
                    versions=versions())
-    def rates(summary):
-        return ", ".join(f"{k} {v:.3f}" for k, v in summary["rates"].items() if v is not None)
+    def rates(summary, when):
+        parts = [f"{k} {v:.3f}" for k, v in summary["rates"].items() if v is not None]
+        if schema != "counterfact" and any(v is not None for v in summary["nll_rates"].values()):
+            parts.append("NLL comparison (the paper's CounterFact rates): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in summary["nll_rates"].items() if v is not None))
+        if metrics.get("fluency", {}).get(when) is not None:
+            parts.append(f"fluency {metrics['fluency'][when]:.3f}")
+        return ", ".join(parts)
 
+    kind = "token accuracy" if schema != "counterfact" else "NLL comparison"
     if "before" in metrics:
-        print(f"before any edit: {rates(metrics['before'])}")
-    print(f"after {len(cases)} edits in batches of {metrics['batch_size']}: {rates(metrics)}")
+        print(f"before any edit ({kind}): {rates(metrics['before'], 'before')}")
+    print(f"after {len(cases)} edits in batches of {metrics['batch_size']} ({kind}): {rates(metrics, 'after')}")
     for path in write_evaluation(args.out, metrics, records):
         print(f"-> {path}")
 
@@ -434,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--curve", action="store_true", help="also score the records edited so far after every "
                           "batch and plot the rates (curve.png)")
     evaluate.add_argument("--no-before", action="store_true", help="do not score the records before editing")
+    evaluate.add_argument("--no-fluency", action="store_true", help="--requests: skip the n-gram entropy of greedy "
+                          "generations from the rewrite prompts (the original's fluency), before and after")
+    evaluate.add_argument("--generation-length", type=int, default=100, help="--requests: tokens per fluency "
+                          "generation, prompt included (the original's max_out_len: 100)")
     evaluate.add_argument("--edits", type=int, help="number of records to edit (default: all; fact world: 400)")
     evaluate.add_argument("--batch-size", type=int, help="edits per sequential batch (default: all at once; "
                           "fact world: 20)")

@@ -249,9 +249,10 @@ def _probes(case: dict, schema: str) -> list[tuple[str, int, str, str, str]]:
     if schema == "counterfact":
         prompts.append(("neighborhood", case["neighborhood_prompts"]))
     out = [(section, j, p, k, t) for section, ps in prompts for j, p in enumerate(ps) for k, t in targets]
-    if schema != "counterfact":
-        out += [("neighborhood", j, p["prompt"], "locality", p["target"])
-                for j, p in enumerate(case["neighborhood_prompts"])]
+    if schema != "counterfact":  # the locality answer, and the new target where the paper's comparison is possible
+        new = [("target_new", rewrite["target_new"]["str"])] if "target_true" in rewrite else []
+        out += [("neighborhood", j, p["prompt"], k, t) for j, p in enumerate(case["neighborhood_prompts"])
+                for k, t in [("locality", p["target"]), *new]]
     return out
 
 
@@ -272,8 +273,8 @@ def score_cases(model, tok, cases: Sequence[dict], schema: str, batch_tokens: in
         if schema == "counterfact":
             if key == ("target_true" if section == "neighborhood" else "target_new"):
                 correct.append(all(hits))
-        elif key != "target_true":  # the new answer (rewrite, paraphrase) or the locality answer
-            correct.extend(hits)
+        elif key == ("locality" if section == "neighborhood" else "target_new"):
+            correct.extend(hits)  # the new answer (rewrite, paraphrase) or the locality answer
     return out
 
 
@@ -283,22 +284,27 @@ def _mean(values) -> float | None:
 
 
 def summarize(results: Sequence[dict], schema: str) -> dict:
-    """`{"rates": {efficacy, paraphrase, neighborhood}, "margins": {...}, "accuracy": {...}}`:
-    means over each case's prompts, then over the cases that have such prompts (None if none)."""
-    rates, margins, accuracy = {}, {}, {}
+    """`{"rates", "nll_rates", "margins", "accuracy"}`, each `{efficacy, paraphrase, neighborhood}`:
+    means over each case's prompts, then over the cases that have such prompts (None if none).
+
+    `nll_rates` and `margins`: the paper's CounterFact comparison of NLL(new) and NLL(true) (at a
+    locality prompt, true = its answer), wherever both were scored (CounterFact; EasyEdit records
+    with `ground_truth`). `accuracy`: token accuracies (EasyEdit's, ZsRE's) or, for CounterFact,
+    whether every token of the right target is the argmax. `rates`: the schema's own, `nll_rates`
+    for CounterFact, `accuracy` otherwise."""
+    nll_rates, margins, accuracy = {}, {}, {}
     for rate, section in zip(RATES, SECTIONS):
-        key = f"{section}_prompts_probs"
         accuracy[rate] = _mean(_mean(r[f"{section}_prompts_correct"]) for r in results
                                if r[f"{section}_prompts_correct"])
-        if schema != "counterfact":
-            rates[rate] = accuracy[rate]
-            continue
         sign = -1 if section == "neighborhood" else 1
-        pairs = [r[key] for r in results if r[key]]
-        rates[rate] = _mean(_mean(sign * (p["target_true"] - p["target_new"]) > 0 for p in ps) for ps in pairs)
+        pairs = [[p for p in r[f"{section}_prompts_probs"] if "target_new" in p and "target_true" in p]
+                 for r in results]
+        pairs = [ps for ps in pairs if ps]
+        nll_rates[rate] = _mean(_mean(sign * (p["target_true"] - p["target_new"]) > 0 for p in ps) for ps in pairs)
         margins[rate] = _mean(_mean(sign * (math.exp(-p["target_new"]) - math.exp(-p["target_true"])) for p in ps)
                               for ps in pairs)
-    return {"rates": rates, "margins": margins, "accuracy": accuracy}
+    rates = nll_rates if schema == "counterfact" else accuracy
+    return {"rates": rates, "nll_rates": nll_rates, "margins": margins, "accuracy": accuracy}
 
 
 DEFINITIONS = {
@@ -311,16 +317,67 @@ DEFINITIONS = {
             "rephrase (paraphrase) prompts and of the locality answer (neighborhood); means over each case's "
             "tokens, then over cases.",
 }
-DEFINITIONS["easyedit"] = DEFINITIONS["zsre"]
+DEFINITIONS["easyedit"] = DEFINITIONS["zsre"] + (
+    " nll_rates (records with ground_truth): the paper's CounterFact rates, efficacy/paraphrase = share of "
+    "rewrite/rephrase prompts with NLL(new) < NLL(ground truth), neighborhood = share of locality prompts with "
+    "NLL(locality answer) < NLL(new).")
+FLUENCY_DEFINITION = ("mean over the rewrite prompts of the n-gram entropy of a greedy generation (prompt and "
+                      "continuation, {max_length} tokens at most), as the original's n_gram_entropy: "
+                      "2/3 * H(2-grams) + 4/3 * H(3-grams), averaged, H in bits over word and punctuation tokens")
+
+
+# -- fluency ---------------------------------------------------------------------------------
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """The original's `compute_n_gram_entropy`: the mean over n of weight_n * the entropy (bits)
+    of the n-gram frequencies of `text`'s words and punctuation marks (a regular expression in
+    place of NLTK's `word_tokenize`)."""
+    import re
+    from collections import Counter
+
+    words = re.findall(r"\w+|[^\w\s]", text)
+    entropies = []
+    for n, weight in zip(ns, weights):
+        counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        total = sum(counts.values())
+        entropies.append(weight * -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0)
+    return sum(entropies) / len(entropies)
+
+
+def generation_entropy(model, tok, prompts: Sequence[str], max_length: int = 100, batch_size: int = 16) -> float:
+    """Mean `ngram_entropy` of greedy generations from `prompts` (`generation_entropies`)."""
+    return _mean(generation_entropies(model, tok, prompts, max_length, batch_size))
+
+
+@torch.no_grad()
+def generation_entropies(model, tok, prompts: Sequence[str], max_length: int = 100, batch_size: int = 16
+                         ) -> list[float]:
+    """Per prompt, `ngram_entropy` of its greedy generation (prompt and continuation, `max_length`
+    tokens at most, as the original's `max_out_len`), run in left-padded batches."""
+    device = model.get_input_embeddings().weight.device
+    pad = pad_token_id(tok)
+    ids = tok(list(prompts))["input_ids"]
+    texts = []
+    for start in range(0, len(ids), batch_size):
+        rows = ids[start:start + batch_size]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
+                             max_new_tokens=max(1, max_length - min(len(r) for r in rows)), pad_token_id=pad)
+        texts += [tok.decode(row[width - len(r):width - len(r) + max(max_length, len(r) + 1)], skip_special_tokens=True)
+                  for row, r in zip(out.tolist(), rows)]
+    return [ngram_entropy(t) for t in texts]
 
 
 # -- sequential editing and evaluation -------------------------------------------------------
 def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, *, before: bool = True,
-                   curve: bool = False, batch_tokens: int = 4096, log=print) -> tuple[dict, list[dict]]:
+                   curve: bool = False, fluency: bool = False, generation_length: int = 100, batch_tokens: int = 4096,
+                   log=print) -> tuple[dict, list[dict]]:
     """Edit `cases` with `editor` in sequential batches of `batch_size`, then score every case,
     as the original's `evaluate.py` does (with `before`, also before the first edit; with
     `curve`, every case before the first edit (the 0-edit point) and the cases edited so far after
-    every batch).
+    every batch; with `fluency`, the n-gram entropy of greedy generations from the rewrite prompts
+    after the edits, and before them with `before`).
 
     Returns (metrics, per-case records `{"case_id", "requested_rewrite", "num_edits", "post",
     ["pre"]}`); metrics holds rates, margins, accuracies, seconds and peak memory per phase.
@@ -333,9 +390,13 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
     peak: dict[str, int] = {}
     phases = Phases(device, seconds, peak)
     pre = None
+    rewrite_prompts = [c["requested_rewrite"]["prompt"].format(c["requested_rewrite"]["subject"]) for c in cases]
+    entropy = {}
     if before or curve:  # the curve starts at 0 edits: every case on the unedited model
         with phases("evaluate before"):
             pre = score_cases(model, tok, cases, schema, batch_tokens)
+            if fluency and before:
+                entropy["before"] = generation_entropy(model, tok, rewrite_prompts, generation_length)
     requests = [edit_request(c) for c in cases]
     points = [{"n_edits": 0, **summarize(pre, schema)["rates"]}] if curve else []
     for start in range(0, len(cases), batch_size):
@@ -350,6 +411,8 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
                                                                         batch_tokens), schema)["rates"]})
     with phases("evaluate"):
         post = score_cases(model, tok, cases, schema, batch_tokens)
+        if fluency:
+            entropy["after"] = generation_entropy(model, tok, rewrite_prompts, generation_length)
     summary = summarize(post, schema)
     if curve:
         points.append({"n_edits": len(cases), **summary["rates"]})
@@ -359,6 +422,9 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
         metrics["before"] = summarize(pre, schema)
     if curve:
         metrics["curve"] = points
+    if fluency:
+        metrics["fluency"] = {**entropy, "definition": FLUENCY_DEFINITION.format(max_length=generation_length)}
+
     def with_rates(scores):
         return {**scores, "rates": summarize([scores], schema)["rates"]}
 

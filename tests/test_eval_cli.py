@@ -64,7 +64,10 @@ def test_eval_on_a_gpt2_directory_scores_the_edited_model(gpt2_dir, schema):
     metrics = json.loads((out / "metrics.json").read_text())
     cases = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
     assert metrics["schema"] == schema and metrics["n_cases"] == 4 and metrics["batch_size"] == 2
-    assert set(metrics["rates"]) == {"efficacy", "paraphrase", "neighborhood"}
+    assert set(metrics["rates"]) == set(metrics["nll_rates"]) == {"efficacy", "paraphrase", "neighborhood"}
+    # the paper's NLL comparison wherever the records carry a true target (not MEND's ZsRE layout)
+    assert (metrics["nll_rates"]["efficacy"] is None) == (schema == "zsre")
+    assert {"before", "after", "definition"} <= set(metrics["fluency"])
     assert {"z", "keys", "solve", "cache update", "evaluate"} <= set(metrics["seconds"])
     assert {"torch", "transformers", "alphaedit_fast"} <= set(metrics["versions"])
     assert metrics["context_templates"] == CONTEXT_TEMPLATES
@@ -101,8 +104,10 @@ def test_the_shipped_model_needs_no_projector_or_hparams(tmp_path, capsys):
     path.write_text(json.dumps(world.counterfact_requests(4, seed=2)))
     assert main(["eval", "--requests", str(path), "--out", str(tmp_path / "out"), "--curve", "--batch-size", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "before any edit: efficacy" in printed and "after 4 edits in batches of 2: efficacy" in printed
+    assert "before any edit (NLL comparison): efficacy" in printed
+    assert "after 4 edits in batches of 2 (NLL comparison): efficacy" in printed and ", fluency " in printed
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["fluency"]["before"] > 0 and metrics["fluency"]["after"] > 0
     assert metrics["hparams"]["preset"] == "factworld" and metrics["projector"] == "corpus"
     assert metrics["rates"]["efficacy"] > metrics["before"]["rates"]["efficacy"]
     assert (tmp_path / "out" / "curve.png").stat().st_size > 0

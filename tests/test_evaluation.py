@@ -12,7 +12,9 @@ from alphaedit_fast.errors import InvalidRequestError, RequestFileError
 from alphaedit_fast.evaluation import (
     cases_from_lists,
     evaluate_edits,
+    generation_entropy,
     load_cases,
+    ngram_entropy,
     plot_curve,
     score_cases,
     summarize,
@@ -84,8 +86,10 @@ def expected_probes(case, schema):
     out += [("paraphrase", p, targets) for p in case["paraphrase_prompts"]]
     if schema == "counterfact":
         out += [("neighborhood", p, targets) for p in case["neighborhood_prompts"]]
-    else:
-        out += [("neighborhood", p["prompt"], {"target_true": p["target"]}) for p in case["neighborhood_prompts"]]
+    else:  # the locality answer as "true"; the new target too where the record has a ground truth
+        new = {"target_new": rw["target_new"]["str"]} if "target_true" in rw else {}
+        out += [("neighborhood", p["prompt"], {"target_true": p["target"], **new})
+                for p in case["neighborhood_prompts"]]
     return out
 
 
@@ -105,7 +109,7 @@ def check_against_direct(model, tok, cases, schema, results):
                 right = "target_true" if section == "neighborhood" else "target_new"
                 if schema == "counterfact" and key == right:
                     correct[section].append(all(hits))
-                elif schema != "counterfact" and (key == "target_new" or section == "neighborhood"):
+                elif schema != "counterfact" and key == ("target_true" if section == "neighborhood" else "target_new"):
                     correct[section] += hits
         for section, flags in correct.items():
             assert result[f"{section}_prompts_probs"].__len__() == seen[section]
@@ -178,6 +182,64 @@ def test_rates_follow_the_original_definitions():
                "paraphrase_prompts_probs": [], "neighborhood_prompts_probs": []}]
     assert summarize(tokens, "zsre")["rates"] == {"efficacy": (2 / 3 + 0) / 2, "paraphrase": 1.0,
                                                   "neighborhood": 0.5}
+    assert summarize(tokens, "zsre")["nll_rates"] == dict.fromkeys(("efficacy", "paraphrase", "neighborhood"))
+    # EasyEdit records with a ground truth: token accuracies as the rates, the paper's comparison beside them
+    easyedit = summarize(results, "easyedit")
+    assert easyedit["rates"] == easyedit["accuracy"] == summary["accuracy"]
+    assert easyedit["nll_rates"] == summary["rates"] and easyedit["margins"] == summary["margins"]
+
+
+def test_easyedit_records_with_a_ground_truth_get_the_papers_rates(shipped, tmp_path):
+    """NLL(new) against NLL(ground truth) at the rewrite and rephrase prompts, NLL(locality answer)
+    against NLL(new) at the locality prompts, from scores computed here directly."""
+    model, tok, world = shipped
+    records = as_schema(world.counterfact_requests(4, seed=2), "easyedit")
+    _, cases = load_cases(write_records(tmp_path, records))
+    summary = summarize(score_cases(model, tok, cases, "easyedit"), "easyedit")
+
+    def nll(prompt, target):
+        return direct_scores(model, tok, prompt, target)[0]
+
+    def share(flags):
+        return sum(flags) / len(flags)
+
+    expected = {"efficacy": [], "paraphrase": [], "neighborhood": []}
+    for r in records:
+        expected["efficacy"].append(float(nll(r["prompt"], r["target_new"]) < nll(r["prompt"], r["ground_truth"])))
+        expected["paraphrase"].append(share([nll(p, r["target_new"]) < nll(p, r["ground_truth"])
+                                             for p in r["rephrase_prompt"]]))
+        expected["neighborhood"].append(float(nll(r["locality_prompt"], r["locality_ground_truth"])
+                                              < nll(r["locality_prompt"], r["target_new"])))
+    for rate, values in expected.items():
+        assert math.isclose(summary["nll_rates"][rate], share(values)), rate
+    without_truth = [{k: v for k, v in r.items() if k != "ground_truth"} for r in records]
+    _, cases = load_cases(write_records(tmp_path, without_truth, "plain.json"))
+    plain = summarize(score_cases(model, tok, cases, "easyedit"), "easyedit")
+    assert plain["nll_rates"] == dict.fromkeys(expected) and plain["accuracy"] == summary["accuracy"]
+
+
+def test_ngram_entropy_is_the_originals():
+    # 14 tokens: 13 bigrams, 6 of them twice; 12 trigrams, 5 of them twice (counted by hand)
+    text = "the cat sat on the mat. the cat sat on the mat."
+    h2 = -(6 * (2 / 13) * math.log2(2 / 13) + (1 / 13) * math.log2(1 / 13))
+    h3 = -(5 * (2 / 12) * math.log2(2 / 12) + 2 * (1 / 12) * math.log2(1 / 12))
+    assert math.isclose(ngram_entropy(text), (2 / 3 * h2 + 4 / 3 * h3) / 2)
+    assert ngram_entropy("again " * 20) == 0.0 and ngram_entropy("one") == 0.0
+
+
+def test_batched_generations_are_each_prompts_own(shipped):
+    """Left-padded batches generate what each prompt generates alone (greedy)."""
+    model, tok, world = shipped
+    prompts = [c["requested_rewrite"]["prompt"].format(c["requested_rewrite"]["subject"])
+               for c in world.counterfact_requests(5, seed=3)] + ["The"]
+    alone = []
+    for prompt in prompts:
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=24 - ids.shape[1], pad_token_id=tok.eos_token_id)
+        alone.append(ngram_entropy(tok.decode(out[0], skip_special_tokens=True)))
+    assert math.isclose(generation_entropy(model, tok, prompts, max_length=24, batch_size=4),
+                        sum(alone) / len(alone), rel_tol=1e-12)
 
 
 def test_readers_map_each_schema_to_the_original_layout(tmp_path):
@@ -219,7 +281,13 @@ def test_sequential_evaluation_edits_and_writes_the_original_case_layout(tmp_pat
     _, cases = load_cases(write_records(tmp_path, counterfact_records(4)))
     editor = AlphaEditor(model, tok, hparams, projector=[torch.eye(160)] * 2, context_templates=CONTEXT_TEMPLATES)
     lines = []
-    metrics, records = evaluate_edits(editor, cases, "counterfact", 2, curve=True, log=lines.append)
+    prompts = [c["requested_rewrite"]["prompt"].format(c["requested_rewrite"]["subject"]) for c in cases]
+    fluency_before = generation_entropy(model, tok, prompts, max_length=20)
+    metrics, records = evaluate_edits(editor, cases, "counterfact", 2, curve=True, fluency=True, generation_length=20,
+                                      log=lines.append)
+    assert metrics["fluency"]["before"] == fluency_before
+    assert metrics["fluency"]["after"] == generation_entropy(model, tok, prompts, max_length=20)
+    assert "20 tokens" in metrics["fluency"]["definition"]
     assert editor.num_edits == 4 and len(lines) == 2
     assert metrics["before"]["rates"]["efficacy"] < metrics["rates"]["efficacy"]
     assert [p["n_edits"] for p in metrics["curve"]] == [0, 2, 4]

@@ -89,14 +89,17 @@ def test_keys_not_read_in_the_z_pass_when_prompts_differ():
 def test_an_edit_runs_block_0_twice(family):
     """Three edited layers: block 0 runs in the z pass and in the second layer's key pass; the
     first layer's keys come from the z pass, every later pass restarts at an edited block.
-    (The probe of the fast value steps, once per model, runs before counting.)"""
+    (The once-per-model checks run before counting: the probe of the fast value steps and the
+    forward that checks the blocks run once each.)"""
     from alphaedit_fast.requests import normalize_requests
+    from alphaedit_fast.validation import check_block_calls
     from alphaedit_fast.values import fast_steps_exact
 
     model, tok = tiny_model(family), tiny_tokenizer_for(family)
     hparams = test_hparams(model, layers=[1, 2, 3])
     assert fast_steps_exact(model, tok, normalize_requests(REQUESTS), hparams, 3, CONTEXT_TEMPLATES,
                             suffix_only=True, packed=True)
+    check_block_calls(model, hparams.layer_module_tmp)
     calls = block_calls(model, hparams)
     apply_AlphaEdit_to_model(model, tok, REQUESTS, hparams, P=identity_projector(hparams),
                              context_templates=CONTEXT_TEMPLATES)
