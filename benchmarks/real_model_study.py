@@ -8,7 +8,8 @@ are edited in sequential batches, once under the null space of WikiText key stat
 projection off), each from the unedited weights. After every batch, over the records edited so
 far: the paper's CounterFact rates (NLL comparison), EasyEdit's token accuracies, fluency (the
 n-gram entropy of greedy generations from the rewrite prompts), the unedited model's values on
-the same records, and the Frobenius norm of each edited weight's total change. At the end:
+the same records (fluency from a fixed sample of rewrite prompts, `--fluency-records`, and from
+all of them after the last batch), and the Frobenius norm of each edited weight's total change. At the end:
 retention, the share of the first batch's successful edits (NLL(new) < NLL(true) at the rewrite
 prompt right after their batch) that still hold after the last batch.
 
@@ -31,12 +32,13 @@ SHARED = ROOT.parent / "shared" / "data"
 METHODS = ("alphaedit", "identity")
 
 
-def measure(model, tok, cases, fluency_length: int) -> tuple[list[dict], list[float]]:
-    """(per-case scores, per-case fluency of the rewrite prompt's generation) on `model` now."""
+def measure(model, tok, cases, fluency_cases, fluency_length: int) -> tuple[list[dict], list[float]]:
+    """(per-case scores of `cases`, per-case fluency of greedy generations from the rewrite
+    prompts of `fluency_cases`) on `model` now."""
     from alphaedit_fast.evaluation import generation_entropies, score_cases
 
-    prompts = [c["requested_rewrite"]["prompt"].format(c["requested_rewrite"]["subject"]) for c in cases]
-    entropies = generation_entropies(model, tok, prompts, fluency_length) if fluency_length else []
+    prompts = [c["requested_rewrite"]["prompt"].format(c["requested_rewrite"]["subject"]) for c in fluency_cases]
+    entropies = generation_entropies(model, tok, prompts, fluency_length) if fluency_length and prompts else []
     return score_cases(model, tok, cases, "easyedit"), entropies
 
 
@@ -73,11 +75,13 @@ def plot(study: dict, path: Path) -> Path:
                 y = [p[family] for p in curve]
             else:
                 y = [p[family][rate] for p in curve]
+            y = [float("nan") if v is None else v for v in y]  # fluency off, or no such prompts
             ax.plot(x, y, marker="o", label="AlphaEdit" if method == "alphaedit" else "P = I")
         if family != "weight_change":
             base = study["runs"][study["methods"][0]]["curve"]
             y = [p["unedited"][family] if rate is None else p["unedited"][family][rate] for p in base]
-            ax.plot([p["n_edits"] for p in base], y, color="grey", linestyle="--", label="unedited")
+            ax.plot([p["n_edits"] for p in base], [float("nan") if v is None else v for v in y], color="grey",
+                    linestyle="--", label="unedited")
         title = {"nll_rates": "NLL comparison", "accuracy": "token accuracy"}.get(family, family)
         ax.set_title(f"{title}: {rate}" if rate else {"fluency": "fluency (n-gram entropy)",
                                                       "weight_change": "sum of ||W - W0||_F"}[family])
@@ -101,6 +105,10 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     parser.add_argument("--stats-tokens", type=int, default=60000)
     parser.add_argument("--fluency-length", type=int, default=100, help="tokens per generation (0: no fluency)")
+    parser.add_argument("--fluency-records", type=int, default=20, help="fluency after each batch from the rewrite "
+                        "prompts of the first N records (after the last batch: of all records)")
+    parser.add_argument("--device", help="where the model runs (default: the CPU)")
+    parser.add_argument("--dtype", help="model dtype (default: the checkpoint's)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", required=True, help="directory for study.json and study.png")
     args = parser.parse_args(argv)
@@ -118,7 +126,7 @@ def main(argv=None) -> int:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(resolve_model_name(args.model))
+    model, tok = load_model(resolve_model_name(args.model), dtype=args.dtype, device=args.device)
     hparams = AlphaEditHyperParams.load(args.hparams) if args.hparams else AlphaEditHyperParams.for_model(model)
     names = [hparams.rewrite_module_tmp.format(layer) for layer in hparams.layers]
     stats = cached_statistics(model, tok, args.corpus, hparams.layers, hparams.rewrite_module_tmp, args.stats_tokens,
@@ -130,8 +138,10 @@ def main(argv=None) -> int:
     originals = {n: get_module(model, n).weight.detach().clone() for n in names}
     stops = list(range(args.batch_size, len(cases), args.batch_size)) + [len(cases)]
     begin = time.perf_counter()
-    results, entropies = measure(model, tok, cases, args.fluency_length)
-    unedited = {stop: summary(results[:stop], entropies[:stop]) for stop in stops}
+    results, entropies = measure(model, tok, cases, cases, args.fluency_length)
+    sample = args.fluency_records
+    unedited = {stop: summary(results[:stop], entropies[:sample] if stop < len(cases) else entropies)
+                for stop in stops}
     print(f"unedited, all {len(cases)} records: {unedited[stops[-1]]} ({time.perf_counter() - begin:.0f}s)",
           flush=True)
     study = {"model": args.model, "requests": args.requests, "records": args.records, "batch_size": args.batch_size,
@@ -142,6 +152,7 @@ def main(argv=None) -> int:
         d_k = stats.covariance(hparams.layers[0]).shape[0]
         projector = ([nullspace_basis(stats.covariance(l), hparams.nullspace_threshold) for l in hparams.layers]
                      if method == "alphaedit" else [torch.eye(d_k)] * len(hparams.layers))
+        projector = [p.to(originals[names[0]].device) for p in projector]
         editor = AlphaEditor(model, tok, hparams, projector=projector, context_templates=templates)
         requests = [edit_request(c) for c in cases]
         seconds: dict[str, float] = {}
@@ -150,7 +161,8 @@ def main(argv=None) -> int:
             for phase, value in editor.edit(requests[previous:stop]).items():
                 seconds[phase] = seconds.get(phase, 0.0) + value
             tick = time.perf_counter()
-            results, entropies = measure(model, tok, cases[:stop], args.fluency_length)
+            fluency_cases = cases[:args.fluency_records] if stop < len(cases) else cases
+            results, entropies = measure(model, tok, cases[:stop], fluency_cases, args.fluency_length)
             point = summary(results, entropies)
             seconds["evaluate"] = seconds.get("evaluate", 0.0) + time.perf_counter() - tick
             if first_batch is None:
@@ -162,7 +174,7 @@ def main(argv=None) -> int:
         held = [a and b for a, b in zip(first_batch, rewrite_success(results))]
         study["runs"][method] = {
             "curve": curve, "seconds": seconds, "seconds_per_edit": {k: v / len(cases) for k, v in seconds.items()},
-            "null_space": [p.shape[1] for p in projector],
+            "null_space": [p.shape[1] for p in projector], "device": str(originals[names[0]].device),
             "relative_weight_change": {n: curve[-1]["weight_change"][n] / float(w.norm())
                                        for n, w in originals.items()},
             "retention": sum(held) / max(1, sum(first_batch)), "first_batch_successes": sum(first_batch)}
