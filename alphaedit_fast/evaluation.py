@@ -348,11 +348,17 @@ def generation_entropy(model, tok, prompts: Sequence[str], max_length: int = 100
     return _mean(generation_entropies(model, tok, prompts, max_length, batch_size))
 
 
-@torch.no_grad()
 def generation_entropies(model, tok, prompts: Sequence[str], max_length: int = 100, batch_size: int = 16
                          ) -> list[float]:
-    """Per prompt, `ngram_entropy` of its greedy generation (prompt and continuation, `max_length`
-    tokens at most, as the original's `max_out_len`), run in left-padded batches."""
+    """Per prompt, `ngram_entropy` of its greedy generation (`greedy_generations`)."""
+    return [ngram_entropy(text) for text in greedy_generations(model, tok, prompts, max_length, batch_size)]
+
+
+@torch.no_grad()
+def greedy_generations(model, tok, prompts: Sequence[str], max_length: int = 100, batch_size: int = 16
+                       ) -> list[str]:
+    """Per prompt, its greedy generation, prompt included (`max_length` tokens at most, as the
+    original's `max_out_len`), run in left-padded batches."""
     device = model.get_input_embeddings().weight.device
     pad = pad_token_id(tok)
     ids = tok(list(prompts))["input_ids"]
@@ -366,7 +372,7 @@ def generation_entropies(model, tok, prompts: Sequence[str], max_length: int = 1
                              max_new_tokens=max(1, max_length - min(len(r) for r in rows)), pad_token_id=pad)
         texts += [tok.decode(row[width - len(r):width - len(r) + max(max_length, len(r) + 1)], skip_special_tokens=True)
                   for row, r in zip(out.tolist(), rows)]
-    return [ngram_entropy(t) for t in texts]
+    return texts
 
 
 # -- sequential editing and evaluation -------------------------------------------------------

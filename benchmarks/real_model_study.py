@@ -32,14 +32,18 @@ SHARED = ROOT.parent / "shared" / "data"
 METHODS = ("alphaedit", "identity")
 
 
-def measure(model, tok, cases, fluency_cases, fluency_length: int) -> tuple[list[dict], list[float]]:
+GENERATIONS: dict[str, list[str]] = {}  # the last greedy generations measured, by method ("unedited" first)
+
+
+def measure(model, tok, cases, fluency_cases, fluency_length: int, label: str = "") -> tuple[list[dict], list[float]]:
     """(per-case scores of `cases`, per-case fluency of greedy generations from the rewrite
-    prompts of `fluency_cases`) on `model` now."""
-    from alphaedit_fast.evaluation import generation_entropies, score_cases
+    prompts of `fluency_cases`) on `model` now; the generations are kept in GENERATIONS[label]."""
+    from alphaedit_fast.evaluation import greedy_generations, ngram_entropy, score_cases
 
     prompts = [c["requested_rewrite"]["prompt"].format(c["requested_rewrite"]["subject"]) for c in fluency_cases]
-    entropies = generation_entropies(model, tok, prompts, fluency_length) if fluency_length and prompts else []
-    return score_cases(model, tok, cases, "easyedit"), entropies
+    texts = greedy_generations(model, tok, prompts, fluency_length) if fluency_length and prompts else []
+    GENERATIONS[label] = texts
+    return score_cases(model, tok, cases, "easyedit"), [ngram_entropy(t) for t in texts]
 
 
 def summary(results: list[dict], entropies: list[float]) -> dict:
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
     originals = {n: get_module(model, n).weight.detach().clone() for n in names}
     stops = list(range(args.batch_size, len(cases), args.batch_size)) + [len(cases)]
     begin = time.perf_counter()
-    results, entropies = measure(model, tok, cases, cases, args.fluency_length)
+    results, entropies = measure(model, tok, cases, cases, args.fluency_length, "unedited")
     sample = args.fluency_records
     unedited = {stop: summary(results[:stop], entropies[:sample] if stop < len(cases) else entropies)
                 for stop in stops}
@@ -162,7 +166,7 @@ def main(argv=None) -> int:
                 seconds[phase] = seconds.get(phase, 0.0) + value
             tick = time.perf_counter()
             fluency_cases = cases[:args.fluency_records] if stop < len(cases) else cases
-            results, entropies = measure(model, tok, cases[:stop], fluency_cases, args.fluency_length)
+            results, entropies = measure(model, tok, cases[:stop], fluency_cases, args.fluency_length, method)
             point = summary(results, entropies)
             seconds["evaluate"] = seconds.get("evaluate", 0.0) + time.perf_counter() - tick
             if first_batch is None:
@@ -183,6 +187,7 @@ def main(argv=None) -> int:
             for n, w in originals.items():
                 get_module(model, n).weight.copy_(w)
         (out_dir / "study.json").write_text(json.dumps(study, indent=1))
+        (out_dir / "generations.json").write_text(json.dumps(GENERATIONS, indent=1))
     print(f"-> {out_dir / 'study.json'}, {plot(study, out_dir / 'study.png')}")
     return 0
 
