@@ -29,22 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def nll_rate(results, section: str) -> float | None:
-    """Share of `section` prompts with NLL(new) < NLL(true), averaged per case, then over cases."""
-    per_case = [[p["target_new"] < p["target_true"] for p in r[f"{section}_prompts_probs"]]
-                for r in results if r[f"{section}_prompts_probs"]]
-    per_case = [sum(c) / len(c) for c in per_case if c]
-    return sum(per_case) / len(per_case) if per_case else None
-
-
 def scores(model, tok, cases) -> dict:
     from alphaedit_fast.evaluation import score_cases, summarize
 
     results = score_cases(model, tok, cases, "easyedit")
+    summary = summarize(results, "easyedit")
     locality = [p["target_true"] for r in results for p in r["neighborhood_prompts_probs"]]
-    return {"nll_efficacy": nll_rate(results, "rewrite"), "nll_paraphrase": nll_rate(results, "paraphrase"),
+    return {"nll_efficacy": summary["nll_rates"]["efficacy"], "nll_paraphrase": summary["nll_rates"]["paraphrase"],
             "locality_answer_nll": sum(locality) / len(locality) if locality else None,
-            **{f"acc_{k}": v for k, v in summarize(results, "easyedit")["accuracy"].items()}}
+            **{f"acc_{k}": v for k, v in summary["accuracy"].items()}}
 
 
 def main(argv=None) -> int:
