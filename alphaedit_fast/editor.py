@@ -8,7 +8,8 @@ import tempfile
 import warnings
 import weakref
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,23 @@ from .values import optimise_zs_and_keys
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ZCacheFiles:
+    """Where the z of each request is cached: `path_of(request)` and the `.npz` entry holding it
+    (the original's `cache_template` files hold "v_star"; the authors' package's hold "target")."""
+
+    path_of: Callable[[dict], Path]
+    entry: str = "v_star"
+
+
+def z_cache_files(cache: str | ZCacheFiles | None, hparams: AlphaEditHyperParams) -> ZCacheFiles | None:
+    """The original's `cache_template` (formatted with the z layer, clamp_norm_factor and
+    case_id) as `ZCacheFiles`; a `ZCacheFiles` or None as given."""
+    if cache is None or isinstance(cache, ZCacheFiles):
+        return cache
+    return ZCacheFiles(lambda request: z_cache_path(cache, hparams, request))
+
+
 def z_cache_path(cache_template: str | None, hparams: AlphaEditHyperParams, request) -> Path | None:
     if cache_template is None:
         return None
@@ -49,18 +67,18 @@ def z_cache_path(cache_template: str | None, hparams: AlphaEditHyperParams, requ
     return Path(str(cache_template).format(hparams.layers[-1], hparams.clamp_norm_factor, request["case_id"]))
 
 
-def target_values(model, tok, requests, hparams, context_templates, cache_template, z_batch_size, progress
+def target_values(model, tok, requests, hparams, context_templates, cache: ZCacheFiles | None, z_batch_size, progress
                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """z of every request (d_model, n) fp32: read from the original's `.npz` cache files when
-    `cache_template` names them, the rest optimised together by `compute_zs`. Also the first
+    """z of every request (d_model, n) fp32: read from the `cache` files that exist, the rest
+    optimised together by `compute_zs` and written there. Also the first
     layer's keys (n, d_k) and block L's output at the plain prompts (n, d_model), when the z
     pass read them (every z computed, prompts that allow it), else None."""
-    paths = [z_cache_path(cache_template, hparams, r) for r in requests]
+    paths = [cache.path_of(r) if cache is not None else None for r in requests]
     d_model = model_width(model)
     zs: list[torch.Tensor | None] = [None] * len(requests)
     for i, path in enumerate(paths):
         if path is not None and path.exists():
-            zs[i] = read_cached_z(path, d_model)
+            zs[i] = read_cached_z(path, d_model, cache.entry)
     todo = [i for i, z in enumerate(zs) if z is None]
     first = None
     if todo:
@@ -72,18 +90,18 @@ def target_values(model, tok, requests, hparams, context_templates, cache_templa
         for i, z in zip(todo, computed):
             zs[i] = z.cpu()
             if paths[i] is not None:
-                save_npz_atomically(paths[i], v_star=zs[i].numpy())
+                save_npz_atomically(paths[i], **{cache.entry: zs[i].numpy()})
     return torch.stack(zs, dim=1), first
 
 
-def read_cached_z(path: Path, d_model: int) -> torch.Tensor | None:
-    """v_star (d_model,) fp32 from an original z-cache file, or None (with a warning) when the file
-    is truncated, malformed, of another width or not finite: it is then recomputed."""
+def read_cached_z(path: Path, d_model: int, entry: str = "v_star") -> torch.Tensor | None:
+    """z (d_model,) fp32 from the `entry` of a z-cache file, or None (with a warning) when the
+    file is truncated, malformed, of another width or not finite: it is then recomputed."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            z = torch.from_numpy(np.array(data["v_star"], dtype=np.float32))
+            z = torch.from_numpy(np.array(data[entry], dtype=np.float32))
         if tuple(z.shape) != (d_model,) or not bool(torch.isfinite(z).all()):
-            raise ValueError(f"v_star has shape {tuple(z.shape)}, expected ({d_model},) with finite values")
+            raise ValueError(f"{entry} has shape {tuple(z.shape)}, expected ({d_model},) with finite values")
         return z
     except (OSError, EOFError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as err:
         warnings.warn(f"ignoring unreadable z cache {path} ({type(err).__name__}: {err}); recomputing it",
@@ -101,17 +119,18 @@ def save_npz_atomically(path: Path, **arrays) -> None:
 
 
 def check_edit(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, context_templates,
-               cache_template: str | None, z_batch_size) -> None:
+               cache_template: str | ZCacheFiles | None, z_batch_size) -> None:
     """Everything about one batch of edits that can be checked before any work starts."""
     hparams.validate()  # fields may have been set since construction (run_edit then checks the model)
     check_requests_for_model(model, tok, requests, context_templates)
     check_options(z_batch_size=z_batch_size)
-    for request in requests if cache_template is not None else []:
-        z_cache_path(cache_template, hparams, request)
+    cache = z_cache_files(cache_template, hparams)
+    for request in requests if cache is not None else []:
+        cache.path_of(request)
 
 
 def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templates, solver, *,
-             cache_template: str | None = None, z_batch_size: int | None = None, progress: bool = False,
+             cache_template: str | ZCacheFiles | None = None, z_batch_size: int | None = None, progress: bool = False,
              timings: dict[str, float] | None = None, peak_bytes: dict[str, int] | None = None
              ) -> dict[int, torch.Tensor]:
     """DESIGN steps 3-5 on inputs `check_edit` has passed; `solver` gives each layer's update and absorbs the
@@ -127,8 +146,8 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
     updates = {}
     with frozen(model), restore_on_error([m.weight for m in modules]):
         with phase("z"):
-            zs, first = target_values(model, tok, requests, hparams, context_templates, cache_template, z_batch_size,
-                                      progress)
+            zs, first = target_values(model, tok, requests, hparams, context_templates,
+                                      z_cache_files(cache_template, hparams), z_batch_size, progress)
             require_finite(zs, "target values z")
         with phase("keys"):
             passes = KeyPasses(model, tok, requests, hparams, context_templates, with_z_output=True)

@@ -2,19 +2,23 @@
 
     python -m alphaedit_fast.patch original -- -m experiments.evaluate --alg_name=AlphaEdit ...
     python -m alphaedit_fast.patch easyedit -- my_edit_script.py --hparams hparams/AlphaEdit/llama3-8b.yaml
+    python -m alphaedit_fast.patch alphaedit -- -m alphaedit.cli --model Qwen/Qwen2.5-7B-Instruct ...
 
 After `--` comes what would follow `python`: a script path or `-m module`, then its arguments
 (a leading `python` is dropped). The script's directory (or, for `-m`, the current directory)
 goes first on sys.path before the patch imports the code base, as `python` itself would do.
+`alphaedit.cli` has no `__main__` block: its `main()` is called, as a console script would.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import runpy
 import sys
 
-CODE_BASES = ("original", "easyedit")
+CODE_BASES = ("original", "easyedit", "alphaedit")
+MAIN_WITHOUT_GUARD = {"alphaedit": "alphaedit.cli"}  # modules run by calling their main()
 
 
 def split_command(argv: list[str]) -> tuple[str, list[str]]:
@@ -50,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     except AlphaEditError as err:
         print(f"python -m alphaedit_fast.patch: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    if command[0] == "-m":
+    if command[0] == "-m" and MAIN_WITHOUT_GUARD.get(code_base) == module:
+        importlib.import_module(module).main()
+    elif command[0] == "-m":
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     else:
         runpy.run_path(script, run_name="__main__")

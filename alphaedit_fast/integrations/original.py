@@ -136,7 +136,7 @@ def patch_original(layers: list[int] | None = None) -> Patch:
                 sample_size=sample_size, precision=precision, batch_tokens=batch_tokens, download=download,
                 **({} if progress is None else {"progress": progress}), force_recompute=force_recompute,
                 hparams=hparams)
-        spec = StatsSpec(model, stats_dir, ds_name, model_name, sample_size, precision, batch_tokens)
+        spec = StatsSpec.original(model, stats_dir, ds_name, model_name, sample_size, precision, batch_tokens)
         if not force_recompute:
             stat = spec.load(running, layer_name)
             if stat is not None:
@@ -189,12 +189,13 @@ def _optional_module(name: str):
 # which layers
 
 
-def _layer_names_of(candidate: Any, layer_name: str) -> list[str] | None:
+def _layer_names_of(candidate: Any, layer_name: str, template_attribute: str = "rewrite_module_tmp"
+                    ) -> list[str] | None:
     """The rewritten modules of an hparams-like object (attributes or keys `layers` and
-    `rewrite_module_tmp`), if `layer_name` is one of them."""
+    `template_attribute`), if `layer_name` is one of them."""
     get = candidate.get if isinstance(candidate, dict) else lambda key: getattr(candidate, key, None)
     try:
-        layers, template = get("layers"), get("rewrite_module_tmp")
+        layers, template = get("layers"), get(template_attribute)
         if not isinstance(template, str) or not isinstance(layers, (list, tuple)):
             return None
         names = [template.format(layer) for layer in layers]
@@ -223,7 +224,16 @@ def edited_layer_names(layer_name: str, hparams: Any, patch: Patch) -> list[str]
     return [layer_name]
 
 
-def _from_frames(layer_name: str) -> list[str] | None:
+def _config_of(value: Any) -> Any:
+    try:  # someone else's object: any property may raise
+        return getattr(value, "config", None)
+    except Exception:
+        return None
+
+
+def _from_frames(layer_name: str, template_attribute: str = "rewrite_module_tmp") -> list[str] | None:
+    """The modules of the first hparams-like object (or object holding one as `.config`) in the
+    calling frames that names `layer_name`."""
     frame = inspect.currentframe()
     try:
         for _ in range(FRAMES_SEARCHED):
@@ -231,10 +241,13 @@ def _from_frames(layer_name: str) -> list[str] | None:
             if frame is None:
                 return None
             for value in list(frame.f_locals.values()):
-                if not isinstance(value, (torch.nn.Module, torch.Tensor)) and hasattr(value, "rewrite_module_tmp"):
-                    found = _layer_names_of(value, layer_name)
-                    if found:
-                        return found
+                if isinstance(value, (torch.nn.Module, torch.Tensor)):
+                    continue
+                for candidate in (value, _config_of(value)):
+                    if hasattr(candidate, template_attribute):
+                        found = _layer_names_of(candidate, layer_name, template_attribute)
+                        if found:
+                            return found
         return None
     finally:
         del frame
@@ -262,23 +275,29 @@ def model_positions(model) -> int:
 
 
 class StatsSpec:
-    """What the original's `layer_stats` derives from its arguments: file names, maxlen, batch tokens."""
+    """Where and how a `layer_stats` caches a module's second moment: the `.npz` directory and
+    file suffix, the precision, and the corpus reading (texts sampled, truncated to maxlen,
+    forwarded in batches of at most batch_tokens tokens)."""
 
-    def __init__(self, model, stats_dir, ds_name, model_name, sample_size, precision, batch_tokens):
+    def __init__(self, directory: Path, precision: str, suffix: str, maxlen: int, batch_tokens: int,
+                 sample_size: int | None):
+        self.directory, self.precision, self.suffix = Path(directory), precision, suffix
+        self.dtype = getattr(torch, precision)
+        self.maxlen, self.batch_tokens, self.sample_size = maxlen, batch_tokens, sample_size
+
+    @classmethod
+    def original(cls, model, stats_dir, ds_name, model_name, sample_size, precision, batch_tokens) -> StatsSpec:
+        """What the original's `layer_stats` derives from its arguments."""
         if ds_name not in DATASET_CONFIGS:
             raise IntegrationError(f"the original's layer_stats reads only {sorted(DATASET_CONFIGS)}, not {ds_name!r}")
         npos = model_positions(model)
-        self.batch_tokens = npos * 3 if batch_tokens is None else batch_tokens
-        self.maxlen = min(npos, self.batch_tokens)
-        self.precision = precision or "float64"
-        self.dtype = getattr(torch, self.precision)
-        self.sample_size = sample_size
+        batch_tokens = npos * 3 if batch_tokens is None else batch_tokens
         suffix = "" if sample_size is None else f"_{sample_size}"
-        if self.batch_tokens < npos:
+        if batch_tokens < npos:
             suffix = "_t{batch_tokens}" + suffix  # sic: the original's file name (not an f-string there)
-        self.suffix = suffix
-        self.model_name = model_name if model_name is not None else model.config._name_or_path.rsplit("/")[-1]
-        self.directory = Path(stats_dir) / self.model_name / f"{ds_name}_stats"
+        model_name = model_name if model_name is not None else model.config._name_or_path.rsplit("/")[-1]
+        return cls(Path(stats_dir) / model_name / f"{ds_name}_stats", precision or "float64", suffix,
+                   min(npos, batch_tokens), batch_tokens, sample_size)
 
     def path(self, layer_name: str) -> Path:
         return self.directory / f"{layer_name}_{self.precision}_mom2{self.suffix}.npz"

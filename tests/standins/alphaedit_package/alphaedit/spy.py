@@ -1,0 +1,1 @@
+CALLS = []  # names of the stand-in functions that ran
