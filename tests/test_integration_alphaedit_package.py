@@ -103,6 +103,10 @@ THRESHOLD = 1.0  # about half of the tiny models' key directions
 
 
 def make(family):
+    from transformers import CONFIG_MAPPING
+
+    if family not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {__import__('transformers').__version__} has no {family}")
     model, tok = MODELS[family](), tiny_tokenizer_for("qwen2")
     model.config._name_or_path = f"hub/tiny-{family}"
     return model, tok
@@ -401,22 +405,50 @@ def test_cli_runs_unchanged_on_the_cpu(package, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "zs" / "layer_2").iterdir()) == ["case_0.npz", "case_1.npz"]
 
 
-@pytest.mark.skipif(not REAL, reason="set ALPHAEDIT_PACKAGE_REPO to an AlphaEdit checkout with the alphaedit package")
+REAL_SKIP = "set ALPHAEDIT_PACKAGE_REPO to an AlphaEdit checkout with the alphaedit package"
+
+
+@pytest.mark.skipif(not REAL, reason=REAL_SKIP)
 @pytest.mark.parametrize("family", ["qwen2", "qwen3_5"])
 def test_real_package_patched_matches_unpatched(real_package, monkeypatch, tmp_path, family):
+    """The real package unpatched (its statistics pass, P, keys, solves and key covariance), reading
+    the z cache files the patched run wrote, against the patched run: same statistics files, P,
+    updates and key covariance. (Its own targets: the next test.)"""
     on_cpu(real_package, monkeypatch)
     model, tok = make(family)
     ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
-    contexts = [["{}"], ["Some text. {}", "More text here. {}"]]
-    fields = dict(context_templates=contexts, stats_dir=tmp_path / "stats")
-    plain = real_package.AlphaEditor(theirs, tok, config(real_package), **fields)
-    plain.edit(REQUESTS)
+    fields = dict(context_templates=[["{}"], ["Some text. {}", "More text here. {}"]], cache_dir=tmp_path / "zs")
     patch = patch_alphaedit()
-    fast = real_package.AlphaEditor(ours, tok, config(real_package), **fields)
-    assert patch.state["passes"] == 0  # the package's statistics files
-    before = rewrite_weights(model)
+    fast = real_package.AlphaEditor(ours, tok, config(real_package), stats_dir=tmp_path / "ours", **fields)
     fast.edit(REQUESTS)
+    patch.undo()
+    plain = real_package.AlphaEditor(theirs, tok, config(real_package), stats_dir=tmp_path / "theirs", **fields)
+    plain.edit(REQUESTS)
+    for a, b in zip(sorted((tmp_path / "ours").rglob("*.npz")), sorted((tmp_path / "theirs").rglob("*.npz")),
+                    strict=True):
+        assert a.relative_to(tmp_path / "ours") == b.relative_to(tmp_path / "theirs")
+        with np.load(a) as new, np.load(b) as old:
+            assert int(new["mom2.count"]) == int(old["mom2.count"])
+            assert_same_second_moment(torch.from_numpy(new["mom2.mom2"]), torch.from_numpy(old["mom2.mom2"]),
+                                      int(old["mom2.count"]), model)
     torch.testing.assert_close(fast.projection, plain.projection, atol=1e-4, rtol=0)
     rtol = rtol_for(model, tok, fast, REQUESTS)
-    assert_same_updates(before, rewrite_weights(ours), rewrite_weights(theirs), rtol)
+    assert_same_updates(rewrite_weights(model), rewrite_weights(ours), rewrite_weights(theirs), rtol)
     assert float((fast.key_covariance - plain.key_covariance).norm() / plain.key_covariance.norm()) < rtol
+
+
+@pytest.mark.skipif(not REAL, reason=REAL_SKIP)
+def test_real_package_targets_match_ours(real_package):
+    model, tok = make("qwen2")
+    cfg = config(real_package).resolve_layout(model)
+    import alphaedit.compute_target as target_module
+
+    request = {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": {"str": " piano"}, "case_id": 0}
+    contexts = [["{}"], ["Some text. {}", "More text here. {}"]]
+    try:
+        theirs = target_module.compute_target(model, tok, request, cfg, 2, contexts)
+    except RuntimeError as err:  # the stored compute_target (2c84b82) gathers 4 label rows from 3 logit rows
+        pytest.skip(f"the package's own compute_target fails: {err}")
+    patch_alphaedit()
+    ours = target_module.compute_target(model, tok, request, cfg, 2, contexts)
+    assert float((ours - theirs).norm() / theirs.norm()) < z_rtol(model, config_hparams(cfg), float(theirs.norm()))

@@ -24,9 +24,11 @@ modules and wherever they were already imported by name:
 The z-cache files (`cache_dir/layer_{L}/case_{id}.npz`, entry "target") are read and written as
 the package does. The package takes `v_num_grad_steps` Adam steps (the original takes one fewer);
 the patch takes the same number. Its subject positions come from token offsets, ours from token
-counts: a batch where the two differ is refused before anything changes (none differs on the
-CounterFact subjects with the GPT-2 and SmolLM2 tokenizers). Its targets assume right padding (its
-CLI sets it); ours do not depend on the padding side.
+counts: a batch where the two differ is refused before anything changes. With `subject_last` (every
+published config) and `subject_first_after_last` none of the 10,000 CounterFact development records
+differs (GPT-2 and SmolLM2 tokenizers); with `subject_first` most do (a prefix's trailing space
+counts as a token here, as DESIGN and the original define it), so such configs are refused. Its
+targets assume right padding (its CLI sets it); ours do not depend on the padding side.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def patch_alphaedit(layers: list[int] | None = None) -> Patch:
     for name, attributes in REPLACED.items():
         for attribute in attributes:
             if not hasattr(modules[name], attribute):
-                raise IntegrationError(f"{name} has no {attribute}: not the alphaedit package this patch was written for")
+                raise IntegrationError(f"{name} has no {attribute}: not the alphaedit package this patch was "
+                                       "written for")
     editor_class = modules["alphaedit.editor"].AlphaEditor
     missing = [m for m in EDITOR_METHODS if not hasattr(editor_class, m)]
     if missing:
@@ -225,7 +228,8 @@ def edit_batch(editor, requests: list[dict], contexts, representations) -> None:
         cache = ZCacheFiles(lambda request: directory / f"case_{request['case_id']}.npz", "target")
     check_edit(model, tok, requests, hparams, contexts, cache, None)
     if len(editor.projection) != len(hparams.layers):
-        raise IntegrationError(f"the editor holds {len(editor.projection)} projections for {len(hparams.layers)} layers")
+        raise IntegrationError(f"the editor holds {len(editor.projection)} projections for "
+                               f"{len(hparams.layers)} layers")
     recorder = _KeyRecorder(layer_solver(editor, modules))
     run_edit(model, tok, requests, hparams, contexts, recorder, cache_template=cache)
     for index, keys in enumerate(recorder.absorbed):

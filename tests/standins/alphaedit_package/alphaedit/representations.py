@@ -27,7 +27,7 @@ def get_reprs_at_word_tokens(model, tokenizer, context_templates, words, module_
     for template, word, (index,) in zip(context_templates, words, idxs):
         seen = {}
 
-        def keep(m, args, output):
+        def keep(m, args, output, seen=seen):
             seen["in"], seen["out"] = args[0], output[0] if isinstance(output, tuple) else output
 
         handle = module.register_forward_hook(keep)
