@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arch import key_width, stores_keys_first
+from .arch import get_module, key_width, stores_keys_first
 from .errors import InvalidArgumentError, InvalidRequestError, ShapeError, require_finite
 from .hparams import AlphaEditHyperParams
-from .keys import KeyPasses
+from .keys import KeyPasses, get_module_input_output_at_words
 from .modelstate import frozen, restore_on_error
 from .projector import ProjectorBases, basis_from_projector, check_projector_model
 from .requests import normalize_requests
@@ -27,6 +27,7 @@ from .storage import StatsFileError, load_tensors, model_fingerprint, require_te
 from .templates import get_context_templates
 from .timing import Phases, progress_line
 from .validation import (
+    POST_MLP_NORM,
     as_bases,
     as_hparams,
     check_context_templates,
@@ -152,6 +153,7 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
         with phase("keys"):
             passes = KeyPasses(model, tok, requests, hparams, context_templates, with_z_output=True)
         layers = hparams.layers
+        post_norms = post_mlp_norms(model, hparams)
         for i, (layer, module) in enumerate(zip(layers, modules)):
             device = module.weight.device
             before = dict(phase.seconds)
@@ -166,8 +168,14 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
                                                   keep_inputs_of=sorted({layers[0], layer}))
                     if i > 1:
                         passes.drop_input(layers[i - 1])
+                if layer in post_norms:
+                    mlp_out = get_module_input_output_at_words(
+                        model, tok, layer, [r["prompt"] for r in requests], [r["subject"] for r in requests],
+                        hparams.rewrite_module_tmp, hparams.fact_token)[1]
             with phase("solve"):
                 resid = (zs.to(device) - cur_zs.T.to(device)) / (n_layers - i)
+                if layer in post_norms:
+                    resid = through_post_mlp_norm(resid, mlp_out.to(device), post_norms[layer])
                 upd = solver.update(i, keys.T.to(device), resid)
                 require_finite(upd, f"weight update of layer {layer}")
                 log.info("layer %d: |W| %.4g, |dW| %.4g", layer, module.weight.norm(), upd.norm())
@@ -183,6 +191,47 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
         if progress:
             progress_line(phase.since(before, "cache update"))
     return updates
+
+
+def post_mlp_norms(model, hparams: AlphaEditHyperParams) -> dict[int, torch.nn.Module]:
+    """{layer: the norm its block applies to the MLP output} when `hparams.maps_post_mlp_norm`,
+    for the edited layers whose blocks have one (Gemma 2/3); else empty."""
+    if not hparams.maps_post_mlp_norm:
+        return {}
+    blocks = {layer: get_module(model, hparams.layer_module_tmp.format(layer)) for layer in hparams.layers}
+    return {layer: getattr(block, POST_MLP_NORM) for layer, block in blocks.items() if hasattr(block, POST_MLP_NORM)}
+
+
+def through_post_mlp_norm(resid: torch.Tensor, mlp_out: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """The change of the MLP output (d_model, n) that moves `norm`'s output as close as it can go
+    to its current value + `resid` (d_model, n), for an RMS norm (Gemma's post_feedforward_layernorm):
+    norm(m) = g * m / rms(m) can only reach g * u with rms(u) = 1, so u = argmin ||g * u - target||
+    over rms(u) = 1 (`closest_unit_rms`), and the MLP output becomes the multiple of u nearest to
+    the current one. mlp_out: the MLP output at the lookup positions (n, d_model); g = norm(1, ...,
+    1), the norm's gain."""
+    with torch.no_grad():
+        gain = norm(torch.ones(1, resid.shape[0], device=resid.device, dtype=mlp_out.dtype)).double()[0]
+    m = mlp_out.double().T
+    target = gain[:, None] * m / m.pow(2).mean(0).sqrt() + resid.double()
+    u = closest_unit_rms(gain, target)
+    scale = ((u * m).sum(0) / u.pow(2).sum(0).clamp_min(1e-300)).clamp_min(0)
+    return (scale * u - m).to(resid.dtype)
+
+
+def closest_unit_rms(gain: torch.Tensor, target: torch.Tensor, iterations: int = 200) -> torch.Tensor:
+    """u (d, n) minimising ||gain * u - target|| per column subject to mean(u^2) = 1: u = gain *
+    target / (gain^2 + mu), with mu per column found by bisection (mean(u^2) falls as mu grows)."""
+    gt = gain[:, None] * target
+    g2 = gain.pow(2)[:, None]
+    moved = gt != 0
+    low = torch.where(moved, -g2, torch.full_like(gt, -torch.inf)).amax(0)  # mean(u^2) -> inf as mu -> low
+    high = gt.pow(2).mean(0).sqrt().clamp_min(1e-300) + low.clamp_min(0)  # there mean(u^2) <= 1
+    u = lambda mu: torch.where(moved, gt / (g2 + mu), torch.zeros_like(gt))  # noqa: E731
+    for _ in range(iterations):
+        mu = (low + high) / 2
+        too_long = u(mu).pow(2).mean(0) > 1
+        low, high = torch.where(too_long, mu, low), torch.where(too_long, high, mu)
+    return u(high)
 
 
 # id(P) -> (weak reference to P, P's in-place version, bases or the number of dense calls so far);

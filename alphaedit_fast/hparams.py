@@ -73,6 +73,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return {k: float(v) if isinstance(v, str) and _SCIENTIFIC.fullmatch(v) else v for k, v in data.items()}
 
 
+POST_MLP_NORM_KEY = "post_mlp_norm"
+
+
 @dataclass
 class AlphaEditHyperParams:
     """Hyper-parameters with the names and meaning of the original `AlphaEditHyperParams`.
@@ -252,6 +255,17 @@ class AlphaEditHyperParams:
             self._check_number(name, float, minimum=0.0)
         if not isinstance(self.extra, dict):
             raise HyperParamsError("extra must be a dict")
+        if self.extra.get(POST_MLP_NORM_KEY, "ignore") not in ("ignore", "map"):
+            raise HyperParamsError(f"{POST_MLP_NORM_KEY} must be 'ignore' (the original's update) or 'map', "
+                                   f"got {self.extra[POST_MLP_NORM_KEY]!r}")
+
+    @property
+    def maps_post_mlp_norm(self) -> bool:
+        """`"post_mlp_norm": "map"` (a key the original's files do not have): on models that
+        normalise the MLP output before the residual stream (Gemma 2/3), each layer's residual
+        target is mapped through that norm (`solve.through_post_mlp_norm`). Default "ignore": the
+        original's update, which treats the MLP output as added as it is."""
+        return self.extra.get(POST_MLP_NORM_KEY, "ignore") == "map"
 
     def _check_number(self, name: str, kind: type, minimum: float, strict: bool = False) -> None:
         value = getattr(self, name)

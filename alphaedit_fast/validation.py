@@ -86,12 +86,13 @@ def check_model(model, hparams: AlphaEditHyperParams) -> list[torch.nn.Module]:
         raise ModelStructureError(f"rewrite modules of layers {hparams.layers} differ in input width: {widths}")
     normalised = [l for l in hparams.layers
                   if hasattr(get_module(model, hparams.layer_module_tmp.format(l)), POST_MLP_NORM)]
-    if normalised:
+    if normalised and not hparams.maps_post_mlp_norm:
         warnings.warn(
             f"layers {normalised} of {type(model).__name__} normalise the MLP output ({POST_MLP_NORM}) before adding "
             "it to the residual stream, while AlphaEdit's update (the original's and this one, alike) assumes it adds "
             "as it is: edits may need weight changes far larger than the weights (measured on Gemma-3-270M, "
-            "docs/real-models.md); check the model's other predictions after editing",
+            "docs/real-models.md); check the model's other predictions after editing, or map the residuals through "
+            "the norm (hyper-parameter \"post_mlp_norm\": \"map\")",
             NormalisedMLPOutputWarning, stacklevel=3)
     return modules
 

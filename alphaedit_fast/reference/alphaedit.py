@@ -180,8 +180,15 @@ def apply_alphaedit_ref(
             cur_zs = module_reprs_at_words_ref(
                 model, tok, prompts, subjects, hparams.layer_module_tmp.format(z_layer), hparams.fact_token, "out"
             ).T.float().to(device)
+            block = get_module(model, hparams.layer_module_tmp.format(layer))
+            post_norm = getattr(block, "post_feedforward_layernorm", None) if hparams.maps_post_mlp_norm else None
+            if post_norm is not None:  # the MLP output at the plain prompts, before the norm
+                mlp_out = module_reprs_at_words_ref(model, tok, prompts, subjects, hparams.rewrite_module_tmp.format(
+                    layer), hparams.fact_token, "out").T.float().to(device)
         with phase("solve"):
             resid = (zs.to(device) - cur_zs) / (len(hparams.layers) - i)
+            if post_norm is not None:
+                resid = mlp_change_through_norm_ref(resid, mlp_out, post_norm)
             proj = P[i].to(device, torch.float32)
             cache = cache_c[i].to(device, torch.float32)
             lhs = proj @ (keys @ keys.T + cache) + hparams.L2 * torch.eye(keys.shape[0], device=device)
@@ -197,6 +204,38 @@ def apply_alphaedit_ref(
             keys = compute_ks_ref(model, tok, requests, hparams, layer, context_templates).T
             new_cache[i] += (keys @ keys.T).to(new_cache.device, new_cache.dtype)
     return updates, new_cache
+
+
+def mlp_change_through_norm_ref(resid: torch.Tensor, mlp_out: torch.Tensor, norm) -> torch.Tensor:
+    """For a block adding norm(m) = g * m / rms(m) to the residual stream: the change of m (d_model,
+    n) that brings norm(m) nearest to norm(m) + resid (d_model, n); mlp_out: m (d_model, n). The
+    norm reaches exactly the g * u with mean(u^2) = 1; the nearest is u = g t / (g^2 + mu) with the
+    mu giving mean(u^2) = 1 (Lagrange), found by bisection; m moves to the multiple of u nearest it."""
+    with torch.no_grad():
+        g = norm(torch.ones(1, resid.shape[0], device=resid.device)).double()[0]
+    changes = []
+    for column in range(resid.shape[1]):
+        m = mlp_out[:, column].double()
+        t = g * m / m.pow(2).mean().sqrt() + resid[:, column].double()
+        moves = (g * t) != 0
+
+        def unit(mu, t=t, moves=moves):
+            u = torch.zeros_like(t)
+            u[moves] = g[moves] * t[moves] / (g[moves] ** 2 + mu)
+            return u
+
+        low = -float((g[moves] ** 2).min())
+        high = float((g * t).pow(2).mean().sqrt()) + max(low, 0.0)
+        for _ in range(200):
+            mid = (low + high) / 2
+            if float(unit(mid).pow(2).mean()) > 1:
+                low = mid
+            else:
+                high = mid
+        u = unit(high)
+        scale = max(float(u @ m / (u @ u)), 0.0)
+        changes.append((scale * u - m).float())
+    return torch.stack(changes, dim=1)
 
 
 def nullspace_projector_ref(cov: torch.Tensor, threshold: float) -> torch.Tensor:
