@@ -250,8 +250,14 @@ def test_direct_layer_stats_call(package, tmp_path):
                                        sample_size=N_SAMPLES, force_recompute=True)
     assert not (tmp_path / "forced").exists()  # the package then writes nothing
     torch.testing.assert_close(forced.mom2.moment(), stat.mom2.moment())
-    with pytest.raises(IntegrationError, match="wikipedia"):
+    with pytest.raises(ValueError, match="wikipedia"):  # as the package: a ValueError
         package.stats.layer_stats(model, tok, name, tmp_path, "c4", ["mom2"])
+    # a layer whose file exists is read, even while another edited layer has none
+    (tmp_path / "tiny-qwen2" / "wikitext_stats" / f"model.layers.2.mlp.down_proj_float32_mom2_{N_SAMPLES}.npz"
+     ).unlink()
+    passes = patch.state["passes"]
+    package.stats.layer_stats(model, tok, name, tmp_path, "wikitext", ["mom2"], sample_size=N_SAMPLES)
+    assert patch.state["passes"] == passes
 
 
 def test_states_and_z_caches_move_between_the_codes(package, monkeypatch, tmp_path):
@@ -260,9 +266,11 @@ def test_states_and_z_caches_move_between_the_codes(package, monkeypatch, tmp_pa
     of one code read by the other."""
     on_cpu(package, monkeypatch)
     model, tok = make("qwen2")
+    original = copy.deepcopy(model)
     plain = package.AlphaEditor(model, tok, config(package), stats_dir=tmp_path / "stats",
                                 cache_dir=tmp_path / "zs")
     plain.edit(REQUESTS)
+    after_first = rewrite_weights(model)
     cached = sorted(p.name for p in (tmp_path / "zs" / "layer_2").iterdir())
     assert cached == ["case_0.npz", "case_1.npz", "case_7.npz"]
     plain.save_state(tmp_path / "after1.pt")
@@ -288,33 +296,61 @@ def test_states_and_z_caches_move_between_the_codes(package, monkeypatch, tmp_pa
         package.AlphaEditor(middle, tok, config(package, layers=[2, 3]), stats_dir=tmp_path / "stats",
                             state_path=tmp_path / "after2.pt")
 
-    # the package's z files read under the patch: nothing optimised, same update as the package's
+    # the package's z files read under the patch: nothing optimised, the package's batch-1 update
     patch = patch_alphaedit()
     import alphaedit_fast.editor as engine
 
     monkeypatch.setattr(engine, "optimise_zs_and_keys", lambda *a, **k: pytest.fail("a cached z was recomputed"))
-    again = copy.deepcopy(middle)
-    replay = package.AlphaEditor(again, tok, config(package), stats_dir=tmp_path / "stats",
-                                 cache_dir=tmp_path / "zs", state_path=tmp_path / "after1.pt")
-    replay.edit(REQUESTS)  # z of REQUESTS from the package's files
+    replay = copy.deepcopy(original)
+    package.AlphaEditor(replay, tok, config(package), stats_dir=tmp_path / "stats",
+                        cache_dir=tmp_path / "zs").edit(REQUESTS)
+    assert_same_updates(rewrite_weights(original), rewrite_weights(replay), after_first,
+                        rtol_for(original, tok, fast, REQUESTS))
 
 
-def test_changed_state_tensors_rebuild_the_solver(package, tmp_path):
-    """Someone replacing the editor's projection (or changing it in place) is honoured."""
+def test_two_patched_batches_equal_two_unpatched(package, monkeypatch, tmp_path):
+    """The solver kept between batches (projected cache grown by the first batch's keys) edits as
+    the package's dense state does."""
+    on_cpu(package, monkeypatch)
+    model, tok = make("qwen2")
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+    plain = package.AlphaEditor(theirs, tok, config(package), stats_dir=tmp_path)
+    patch_alphaedit()
+    fast = package.AlphaEditor(ours, tok, config(package), stats_dir=tmp_path)
+    fast.edit(REQUESTS)
+    middle = rewrite_weights(ours)
+    fast.edit(MORE_REQUESTS)
+    active_patch("alphaedit").undo()
+    plain.edit(REQUESTS)
+    plain.edit(MORE_REQUESTS)
+    rtol = rtol_for(model, tok, fast, REQUESTS + MORE_REQUESTS)
+    assert_same_updates(rewrite_weights(model), rewrite_weights(ours), rewrite_weights(theirs), rtol)
+    assert any(float((a - b).norm()) > 0 for a, b in zip(middle, rewrite_weights(ours)))
+    assert float((fast.key_covariance - plain.key_covariance).norm() / plain.key_covariance.norm()) < rtol
+
+
+def test_changed_state_rebuilds_the_solver(package, tmp_path):
+    """Someone replacing the editor's projection, or changing it in place, is honoured."""
     patch_alphaedit()
     model, tok = make("qwen2")
     first, second = copy.deepcopy(model), copy.deepcopy(model)
     a = package.AlphaEditor(first, tok, config(package), stats_dir=tmp_path)
     b = package.AlphaEditor(second, tok, config(package), stats_dir=tmp_path)
-    b.projection = torch.eye(b.projection.shape[1]).repeat(len(LAYERS), 1, 1)  # P = I
+    P = a.projection.clone()
+    b.projection = torch.eye(b.projection.shape[1]).repeat(len(LAYERS), 1, 1)  # replaced: P = I
     before = rewrite_weights(model)
     a.edit(REQUESTS[:1])
     b.edit(REQUESTS[:1])
     constrained = [w - w0 for w, w0 in zip(rewrite_weights(first), before)]
     free = [w - w0 for w, w0 in zip(rewrite_weights(second), before)]
-    for upd, P in zip(constrained, a.projection):
-        assert float((upd - upd @ P).norm() / upd.norm()) < 1e-4  # rows of W^T: the update lies in range(P)
-    assert all(float((f - f @ P).norm() / f.norm()) > 1e-2 for f, P in zip(free, a.projection))
+    for upd, layer_P in zip(constrained, P):
+        assert float((upd - upd @ layer_P).norm() / upd.norm()) < 1e-4  # rows of W^T: the update lies in range(P)
+    assert all(float((f - f @ p).norm() / f.norm()) > 1e-2 for f, p in zip(free, P))
+    a.projection[:] = torch.eye(a.projection.shape[1])  # in place: P = I from now on
+    middle = rewrite_weights(first)
+    a.edit(REQUESTS[1:2])
+    assert all(float(((w - w0) - (w - w0) @ p).norm() / (w - w0).norm()) > 1e-2
+               for w, w0, p in zip(rewrite_weights(first), middle, P))
 
 
 def test_device_check_lifted_under_the_patch_and_device_map_models(package, tmp_path):
@@ -347,7 +383,7 @@ def test_position_disagreement_is_refused_and_changes_nothing(package, monkeypat
     monkeypatch.setattr(reps, "get_words_idxs_in_templates",
                         lambda *a: [[i[0] - (1 if "Toko" in w else 0)] for i, w in zip(theirs(*a), a[2])])
     before, cov = rewrite_weights(model), editor.key_covariance.clone()
-    with pytest.raises(IntegrationError, match="Toko Yasuda.*nothing was changed"):
+    with pytest.raises(ValueError, match="Toko Yasuda.*nothing was changed"):
         editor.edit(REQUESTS)
     assert all(torch.equal(a, b) for a, b in zip(before, rewrite_weights(model)))
     assert torch.equal(cov, editor.key_covariance)

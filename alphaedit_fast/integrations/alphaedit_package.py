@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ..editor import ZCacheFiles, check_edit, run_edit
+from ..errors import InvalidRequestError
 from ..hparams import AlphaEditHyperParams
 from ..keys import compute_ks as fast_compute_ks
 from ..positions import lookup_positions
@@ -48,7 +49,7 @@ from ..requests import normalize_requests, target_token_ids, z_templates
 from ..solve import ProjectedSolver
 from ..validation import check_model, check_projector
 from ..values import compute_z as fast_compute_z
-from .original import StatsSpec, original_batches, second_moments
+from .original import StatsSpec, _from_frames, _names_from_layers, original_batches, second_moments
 from .patching import IntegrationError, Patch, active_patch, import_module, register
 
 NAME = "alphaedit"
@@ -115,8 +116,13 @@ def patch_alphaedit(layers: list[int] | None = None) -> Patch:
                 model, tokenizer, layer_name, stats_dir, dataset_name, to_collect, sample_size=sample_size,
                 precision=precision, batch_tokens=batch_tokens, force_recompute=force_recompute)
         spec = PackageStatsSpec(model, stats_dir, dataset_name, sample_size, precision, batch_tokens)
-        names = [layer_name] if force_recompute else edited_layer_names(layer_name, patch)
-        return statistics(model, tokenizer, names, spec, force_recompute)[layer_name]
+        if force_recompute:
+            return statistics(model, tokenizer, [layer_name], spec, force_recompute=True)[layer_name]
+        stat = spec.load(running, layer_name)
+        if stat is not None:
+            return stat
+        names = [n for n in edited_layer_names(layer_name, patch) if n == layer_name or not spec.has(n)]
+        return statistics(model, tokenizer, names, spec)[layer_name]
 
     def initialize_state(self) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.config
@@ -129,7 +135,9 @@ def patch_alphaedit(layers: list[int] | None = None) -> Patch:
                  for name, m in zip(names, modules)]
         projection = torch.stack([(u @ u.T).cpu() for u in bases])
         key_covariance = torch.zeros_like(projection)
-        _SOLVERS[self] = (ProjectedSolver(bases, config.l2_regularization), _versions(projection, key_covariance))
+        self.projection, self.key_covariance = projection, key_covariance  # as the constructor sets them
+        _SOLVERS[self] = (ProjectedSolver(bases, config.l2_regularization),
+                          _Fingerprint(self, [m.weight.device for m in modules]))
         return projection, key_covariance
 
     def validate_single_device(self) -> None:
@@ -182,19 +190,34 @@ def config_hparams(config) -> AlphaEditHyperParams:
         nullspace_threshold=config.nullspace_threshold, L2=config.l2_regularization))
 
 
-# package editor -> (solver, versions of the dense projection and key covariance it was built from)
+# package editor -> (solver, `_fingerprint` of what it was built from)
 _SOLVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _versions(*tensors: torch.Tensor) -> tuple:
-    return tuple((id(t), t._version) for t in tensors)
+class _Fingerprint:
+    """The dense projection and key covariance a solver was built from (the tensors themselves,
+    weakly, and their in-place versions), its L2 and the layers' devices."""
+
+    def __init__(self, editor, devices: list[torch.device]):
+        tensors = (editor.projection, editor.key_covariance)
+        self.refs = [weakref.ref(t) for t in tensors]
+        self.versions = [t._version for t in tensors]
+        self.rest = (editor.config.l2_regularization, devices)
+
+    def matches(self, editor, devices: list[torch.device]) -> bool:
+        tensors = (editor.projection, editor.key_covariance)
+        return (all(ref() is t for ref, t in zip(self.refs, tensors))
+                and self.versions == [t._version for t in tensors]
+                and self.rest == (editor.config.l2_regularization, devices))
 
 
 def layer_solver(editor, modules: list[torch.nn.Module]) -> ProjectedSolver:
-    """The editor's null-space solver, rebuilt from its dense `projection` and `key_covariance`
-    whenever someone else replaced or changed them since the last patched call."""
-    solver, versions = _SOLVERS.get(editor, (None, None))
-    if solver is None or versions != _versions(editor.projection, editor.key_covariance):
+    """The editor's null-space solver (bases U and projected caches U^T C U on each layer's
+    device), rebuilt from its dense `projection` and `key_covariance` whenever they, its L2 or
+    the layers' devices changed since the last patched call."""
+    devices = [m.weight.device for m in modules]
+    solver, fingerprint = _SOLVERS.get(editor, (None, None))
+    if solver is None or not fingerprint.matches(editor, devices):
         check_projector(editor.projection, "the editor's projection")
         bases = [basis_from_projector(p.to(m.weight.device)) for p, m in zip(editor.projection, modules)]
         caches = [u.T @ c.to(u.device, u.dtype) @ u for u, c in zip(bases, editor.key_covariance)]
@@ -228,13 +251,15 @@ def edit_batch(editor, requests: list[dict], contexts, representations) -> None:
         cache = ZCacheFiles(lambda request: directory / f"case_{request['case_id']}.npz", "target")
     check_edit(model, tok, requests, hparams, contexts, cache, None)
     if len(editor.projection) != len(hparams.layers):
-        raise IntegrationError(f"the editor holds {len(editor.projection)} projections for "
-                               f"{len(hparams.layers)} layers")
+        raise InvalidRequestError(f"the editor holds {len(editor.projection)} projections for "
+                                  f"{len(hparams.layers)} layers")
     recorder = _KeyRecorder(layer_solver(editor, modules))
+    _SOLVERS.pop(editor, None)  # until the key covariance holds what the solver absorbs
     run_edit(model, tok, requests, hparams, contexts, recorder, cache_template=cache)
-    for index, keys in enumerate(recorder.absorbed):
-        editor.key_covariance[index].add_((keys @ keys.T).float().cpu())
-    _SOLVERS[editor] = (recorder.solver, _versions(editor.projection, editor.key_covariance))
+    added = [(keys @ keys.T).float().cpu() for keys in recorder.absorbed]
+    for index, outer in enumerate(added):
+        editor.key_covariance[index].add_(outer)
+    _SOLVERS[editor] = (recorder.solver, _Fingerprint(editor, [m.weight.device for m in modules]))
 
 
 def check_positions(representations, tok, requests: list[dict], contexts, fact_token: str) -> None:
@@ -253,7 +278,7 @@ def check_positions(representations, tok, requests: list[dict], contexts, fact_t
     ours = lookup_positions(tok, templates, words, fact_token)
     for template, word, a, b in zip(templates, words, theirs, ours):
         if a != b:
-            raise IntegrationError(
+            raise InvalidRequestError(
                 f"the alphaedit package finds the subject {word!r} of {template!r} at token {a}, alphaedit_fast at "
                 f"token {b}: this batch cannot be edited as the package edits it; nothing was changed (edit it "
                 "without the patch, or reword the prompt)")
@@ -265,14 +290,16 @@ def check_positions(representations, tok, requests: list[dict], contexts, fact_t
 
 class PackageStatsSpec(StatsSpec):
     """What the package's `layer_stats` derives from its arguments: the file
-    `stats_dir/<model name>/<dataset>_stats/<module>_<precision>_mom2_<sample_size>.npz`, texts
-    truncated to min(max_position_embeddings, 4096) tokens, 3 x that per forward."""
+    `stats_dir/<model name>/<dataset>_stats/<module>_<precision>_mom2_<sample_size>.npz` and texts
+    truncated to min(max_position_embeddings, 4096) tokens. The package forwards one text at a
+    time; the one pass here packs texts up to its batch_tokens (3 x that) per forward: the same
+    tokens, summed in another order."""
 
     def __init__(self, model, stats_dir, dataset: str, sample_size: int | None, precision: str,
                  batch_tokens: int | None):
         if dataset not in DATASETS:
-            raise IntegrationError(f"the alphaedit package reads statistics only from {sorted(DATASETS)}, "
-                                   f"not {dataset!r}")
+            raise InvalidRequestError(f"the alphaedit package reads statistics only from {sorted(DATASETS)}, "
+                                      f"not {dataset!r}")
         maxlen = min(int(getattr(model.config, "max_position_embeddings", 4096)), 4096)
         model_name = str(model.config._name_or_path).rstrip("/").split("/")[-1]
         super().__init__(Path(stats_dir) / model_name / f"{dataset}_stats", precision,
@@ -285,8 +312,6 @@ def edited_layer_names(layer_name: str, patch: Patch) -> list[str]:
     """The modules one `layer_stats` pass computes: `layer_name` with its layer number replaced by
     each of `patch_alphaedit(layers=...)`, else those of an `AlphaEditConfig` (or an editor holding
     one) in a calling frame, else `layer_name` alone."""
-    from .original import _from_frames, _names_from_layers
-
     for found in (_names_from_layers(patch.state["layers"], layer_name) if patch.state["layers"] else None,
                   _from_frames(layer_name, template_attribute="rewrite_module_template")):
         if found:
