@@ -4,7 +4,7 @@
 
 Per method: the mean n-gram entropy (the original's fluency), the share of texts that contain
 their record's new target, how often each new target appears, the share of texts caught in a loop
-(one 3-gram repeated at least 3 times) and the entropy with those texts left out.
+(one 3-gram of words repeated at least 10 times) and the entropy with those texts left out.
 
   python benchmarks/generation_report.py benchmarks/results/study-smollm2-135m
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 from alphaedit_fast.evaluation import ngram_entropy
 from alphaedit_fast.requests import load_requests
 
-LOOP_REPEATS = 3
+LOOP_REPEATS = 10  # a 100-token text that repeats one 3-gram of words 10 times is stuck
 
 
 def looping(text: str) -> bool:
