@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arch import get_module, key_width, stores_keys_first
+from .arch import key_width, stores_keys_first
 from .errors import InvalidArgumentError, InvalidRequestError, ShapeError, require_finite
 from .hparams import AlphaEditHyperParams
 from .keys import KeyPasses, get_module_input_output_at_words
@@ -27,7 +27,6 @@ from .storage import StatsFileError, load_tensors, model_fingerprint, require_te
 from .templates import get_context_templates
 from .timing import Phases, progress_line
 from .validation import (
-    POST_MLP_NORM,
     as_bases,
     as_hparams,
     check_context_templates,
@@ -37,6 +36,7 @@ from .validation import (
     check_requests_for_model,
     layer_stack,
     model_width,
+    post_mlp_norms,
 )
 from .values import optimise_zs_and_keys
 
@@ -153,7 +153,7 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
         with phase("keys"):
             passes = KeyPasses(model, tok, requests, hparams, context_templates, with_z_output=True)
         layers = hparams.layers
-        post_norms = post_mlp_norms(model, hparams)
+        post_norms = post_mlp_norms(model, hparams) if hparams.maps_post_mlp_norm else {}
         for i, (layer, module) in enumerate(zip(layers, modules)):
             device = module.weight.device
             before = dict(phase.seconds)
@@ -191,15 +191,6 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
         if progress:
             progress_line(phase.since(before, "cache update"))
     return updates
-
-
-def post_mlp_norms(model, hparams: AlphaEditHyperParams) -> dict[int, torch.nn.Module]:
-    """{layer: the norm its block applies to the MLP output} when `hparams.maps_post_mlp_norm`,
-    for the edited layers whose blocks have one (Gemma 2/3); else empty."""
-    if not hparams.maps_post_mlp_norm:
-        return {}
-    blocks = {layer: get_module(model, hparams.layer_module_tmp.format(layer)) for layer in hparams.layers}
-    return {layer: getattr(block, POST_MLP_NORM) for layer, block in blocks.items() if hasattr(block, POST_MLP_NORM)}
 
 
 def through_post_mlp_norm(resid: torch.Tensor, mlp_out: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:

@@ -84,8 +84,7 @@ def check_model(model, hparams: AlphaEditHyperParams) -> list[torch.nn.Module]:
     widths = {key_width(m) for m in modules}
     if len(widths) != 1:
         raise ModelStructureError(f"rewrite modules of layers {hparams.layers} differ in input width: {widths}")
-    normalised = [l for l in hparams.layers
-                  if hasattr(get_module(model, hparams.layer_module_tmp.format(l)), POST_MLP_NORM)]
+    normalised = list(post_mlp_norms(model, hparams))
     if normalised and not hparams.maps_post_mlp_norm:
         warnings.warn(
             f"layers {normalised} of {type(model).__name__} normalise the MLP output ({POST_MLP_NORM}) before adding "
@@ -179,6 +178,13 @@ def check_dense_mlp(model, hparams: AlphaEditHyperParams, layer: int) -> None:
 
 
 POST_MLP_NORM = "post_feedforward_layernorm"  # Gemma 2 and 3: norm(MLP(x)) joins the residual stream
+
+
+def post_mlp_norms(model, hparams: AlphaEditHyperParams) -> dict[int, torch.nn.Module]:
+    """{layer: the norm its block applies to the MLP output}, for the edited layers whose blocks
+    have one (Gemma 2/3)."""
+    blocks = {layer: get_module(model, hparams.layer_module_tmp.format(layer)) for layer in hparams.layers}
+    return {layer: getattr(block, POST_MLP_NORM) for layer, block in blocks.items() if hasattr(block, POST_MLP_NORM)}
 
 
 def check_context_templates(context_templates) -> list[list[str]]:
