@@ -8,7 +8,10 @@ space of WikiText key statistics; then scores them as `alphaedit-fast eval` does
 configuration: the paper's NLL comparison at the rewrite and paraphrase prompts (NLL(new) <
 NLL(true)), EasyEdit's token accuracies (efficacy, paraphrase, and the locality answer's,
 against the unedited model's), the mean NLL of the locality answers (what an edit should not
-move), the relative change of each edited weight, and seconds per phase.
+move), fluency (the n-gram entropy of greedy generations from the rewrite prompts), how often
+those generations name their new target and how many are stuck in a loop (as
+`generation_report.py` counts them), the relative change of each edited weight, and seconds per
+phase.
 
   python benchmarks/real_model_sweep.py --model smollm2-135m --records 0:10 \\
       --variants '{"v_lr 0.5": {"v_lr": 0.5}, "layers 3-7": {"layers": [3, 4, 5, 6, 7]}}' \\
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,15 +33,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def scores(model, tok, cases) -> dict:
-    from alphaedit_fast.evaluation import score_cases, summarize
+def scores(model, tok, cases, fluency_length: int) -> dict:
+    from alphaedit_fast.evaluation import greedy_generations, ngram_entropy, score_cases, summarize
+    from generation_report import looping, mentions
 
     results = score_cases(model, tok, cases, "easyedit")
     summary = summarize(results, "easyedit")
     locality = [p["target_true"] for r in results for p in r["neighborhood_prompts_probs"]]
-    return {"nll_efficacy": summary["nll_rates"]["efficacy"], "nll_paraphrase": summary["nll_rates"]["paraphrase"],
-            "locality_answer_nll": sum(locality) / len(locality) if locality else None,
-            **{f"acc_{k}": v for k, v in summary["accuracy"].items()}}
+    out = {"nll_efficacy": summary["nll_rates"]["efficacy"], "nll_paraphrase": summary["nll_rates"]["paraphrase"],
+           "locality_answer_nll": sum(locality) / len(locality) if locality else None,
+           **{f"acc_{k}": v for k, v in summary["accuracy"].items()}}
+    if fluency_length:
+        rewrites = [c["requested_rewrite"] for c in cases]
+        texts = greedy_generations(model, tok, [r["prompt"].format(r["subject"]) for r in rewrites], fluency_length)
+        out["fluency"] = statistics.fmean(ngram_entropy(t) for t in texts)
+        out["new_target_mentions_per_text"] = statistics.fmean(
+            mentions(r["target_new"]["str"].strip(), t) for r, t in zip(rewrites, texts))
+        out["share_looping"] = statistics.fmean(looping(t) for t in texts)
+    return out
 
 
 def main(argv=None) -> int:
@@ -50,6 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     parser.add_argument("--stats-tokens", type=int, default=60000)
     parser.add_argument("--variants", default="{}", help='JSON {"name": {field: value}}; "base" always runs first')
+    parser.add_argument("--fluency-length", type=int, default=100, help="tokens per generation (0: no fluency)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -78,7 +92,7 @@ def main(argv=None) -> int:
     cases = cases[start : start + count]
     templates = get_context_templates(model, tok)
     originals = {n: get_module(model, n).weight.detach().clone() for n in names}
-    before = scores(model, tok, cases)
+    before = scores(model, tok, cases, args.fluency_length)
     print(f"before: {before}", flush=True)
     out = {"model": args.model, "requests": args.requests, "records": args.records, "batch_size": args.batch_size,
            "corpus": args.corpus, "stats_tokens": stats.count, "base": base.to_dict(), "before": before,
@@ -93,7 +107,7 @@ def main(argv=None) -> int:
             for phase, value in editor.edit(requests[i : i + args.batch_size]).items():
                 seconds[phase] = seconds.get(phase, 0.0) + value
         seconds["total"] = time.perf_counter() - begin
-        after = scores(model, tok, cases)
+        after = scores(model, tok, cases, args.fluency_length)
         deltas = {n: float((get_module(model, n).weight.detach() - w).norm() / w.norm()) for n, w in originals.items()}
         out["runs"][name] = {"change": variants[name], "after": after, "seconds": seconds,
                              "null_space": [b.shape[1] for b in bases], "relative_weight_change": deltas}
