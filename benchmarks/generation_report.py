@@ -69,7 +69,7 @@ def report(study_dir: Path) -> dict:
             "share_mentioning_new_target": statistics.fmean([n > 0 for n in new_mentions]),
             "new_target_mentions_per_text": statistics.fmean(new_mentions),
             "true_target_mentions_per_text": statistics.fmean(
-                [mentions(t, text) if t else 0 for t, text in zip(true_targets, texts)]),
+                [mentions(t, text) for t, text in zip(true_targets, texts)]) if all(true_targets) else None,
             "share_looping": statistics.fmean(loops),
             "fluency_without_looping": statistics.fmean([e for e, loop in zip(entropies, loops) if not loop] or [0]),
             "fluency_of_looping": statistics.fmean([e for e, loop in zip(entropies, loops) if loop] or [0]),

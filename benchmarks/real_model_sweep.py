@@ -34,8 +34,9 @@ SHARED = ROOT.parent / "shared" / "data"
 
 
 def scores(model, tok, cases, fluency_length: int) -> dict:
-    from alphaedit_fast.evaluation import greedy_generations, ngram_entropy, score_cases, summarize
     from generation_report import looping, mentions
+
+    from alphaedit_fast.evaluation import greedy_generations, ngram_entropy, score_cases, summarize
 
     results = score_cases(model, tok, cases, "easyedit")
     summary = summarize(results, "easyedit")
