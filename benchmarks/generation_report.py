@@ -37,10 +37,10 @@ def mentions(target: str, text: str) -> int:
     return text.lower().count(target.lower())
 
 
-def change_by_mentions(new_targets: list[str], texts: list[str], unedited_entropies: list[float]) -> dict:
-    """Paired entropy change against the unedited text of the same prompt, per mention group."""
-    counts = [mentions(t, text) for t, text in zip(new_targets, texts)]
-    changes = [ngram_entropy(text) - before for text, before in zip(texts, unedited_entropies)]
+def change_by_mentions(counts: list[int], entropies: list[float], unedited_entropies: list[float]) -> dict:
+    """Paired entropy change of each text against the unedited text of the same prompt, per group
+    of new-target mention `counts`."""
+    changes = [after - before for after, before in zip(entropies, unedited_entropies)]
     groups = {}
     for low, high in MENTION_GROUPS:
         picked = [c for n, c in zip(counts, changes) if n >= low and (high is None or n <= high)]
@@ -57,8 +57,7 @@ def report(study_dir: Path) -> dict:
     records = load_requests(study["requests"])[start:start + count]
     targets = [r["target_new"]["str"].strip() for r in records]
     true_targets = [r.get("target_true", {}).get("str", "").strip() for r in records]  # ZsRE has none
-    unedited = [ngram_entropy(text) for text in generations.get("unedited", [])]
-    out = {}
+    out, measured = {}, {}
     for method, texts in generations.items():
         new_mentions = [mentions(t, text) for t, text in zip(targets, texts)]
         loops = [looping(text) for text in texts]
@@ -75,8 +74,11 @@ def report(study_dir: Path) -> dict:
             "fluency_of_looping": statistics.fmean([e for e, loop in zip(entropies, loops) if loop] or [0]),
             "examples_looping": [text for text, loop in zip(texts, loops) if loop][:3],
         }
-        if method != "unedited" and len(unedited) == len(texts):
-            out[method]["against_unedited"] = change_by_mentions(targets, texts, unedited)
+        measured[method] = new_mentions, entropies
+    unedited = measured.get("unedited", ([], []))[1]
+    for method, (new_mentions, entropies) in measured.items():
+        if method != "unedited" and len(unedited) == len(entropies):
+            out[method]["against_unedited"] = change_by_mentions(new_mentions, entropies, unedited)
     return out
 
 
