@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .bench import SHAPES
-from .errors import AlphaEditError, InvalidArgumentError, ModelFileError
+from .errors import InvalidArgumentError, ModelFileError, run_reporting_errors
 from .loading import DTYPES, add_model_arguments, checkpoint_dtype, default_device, load_model, resolve_model_name
 from .timing import progress_line
 from .tiny import FAMILY_CONFIGS
@@ -483,26 +481,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("version", help="print versions and available backends")
     args = parser.parse_args(argv)
     return run_reporting_errors(parser.prog, args.debug, lambda: run_command(args))
-
-
-def run_reporting_errors(prog: str, debug: bool, command: Callable[[], object]) -> int:
-    """Run a command; an error is one line on stderr, the traceback only with `debug`.
-    Exit status: 0, 2 for bad input (an AlphaEditError), 1 for any other failure, 130 on Ctrl-C."""
-    try:
-        command()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        if debug:
-            traceback.print_exc()
-        elif isinstance(err, AlphaEditError):
-            print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        else:
-            print(f"{prog}: error: {type(err).__name__}: {' '.join(str(err).split())} (--debug for the traceback)",
-                  file=sys.stderr)
-        return 2 if isinstance(err, AlphaEditError) else 1
-    return 0
 
 
 def run_command(args) -> None:

@@ -1,4 +1,11 @@
-"""One exception hierarchy: every error the library raises on bad input is an AlphaEditError."""
+"""One exception hierarchy: every error the library raises on bad input is an AlphaEditError; and
+`run_reporting_errors`, how every command line turns an error into one line and an exit status."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
 
 
 class AlphaEditError(Exception):
@@ -57,3 +64,23 @@ def require_finite(tensor, what: str) -> None:
             f"{what} contains NaN or infinite values; check how it was computed "
             "(statistics in too low a precision, a diverged optimisation, a corrupted file)."
         )
+
+
+def run_reporting_errors(prog: str, debug: bool, command: Callable[[], object]) -> int:
+    """Run a command; an error is one line on stderr, the traceback only with `debug`.
+    Exit status: 0, 2 for bad input (an AlphaEditError), 1 for any other failure, 130 on Ctrl-C."""
+    try:
+        command()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        elif isinstance(err, AlphaEditError):
+            print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        else:
+            print(f"{prog}: error: {type(err).__name__}: {' '.join(str(err).split())} (--debug for the traceback)",
+                  file=sys.stderr)
+        return 2 if isinstance(err, AlphaEditError) else 1
+    return 0

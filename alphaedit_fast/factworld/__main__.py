@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import run_reporting_errors
+from ..errors import run_reporting_errors
 
 
 def main(argv=None):

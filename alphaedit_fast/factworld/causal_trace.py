@@ -13,7 +13,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from ..cli import run_reporting_errors
+from ..errors import run_reporting_errors
 from ..trace import hidden_of, with_hidden
 from . import load_model
 from .evaluate import object_id
