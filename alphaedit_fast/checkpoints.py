@@ -119,12 +119,17 @@ def add_legacy_rope_theta(config_path: Path) -> None:
             pass
 
 
+def dtype_kwargs(dtype) -> dict:
+    """The dtype keyword of from_pretrained/from_config: `dtype` in transformers 5, `torch_dtype` in 4.x."""
+    import transformers
+
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
+
+
 def _read_gguf(path: Path):
     """(model without its GGUF quantisation record, tokenizer) from a GGUF file, dequantised to fp32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .loading import dtype_kwargs
 
     try:
         quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,

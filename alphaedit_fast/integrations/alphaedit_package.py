@@ -328,7 +328,7 @@ def run_cli(cli, config_class, editor_class, argv=None) -> None:
     or `auto` (the model spread over the visible devices by accelerate's device_map)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..loading import dtype_kwargs
+    from ..checkpoints import dtype_kwargs
 
     args = cli.build_parser().parse_args(argv)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
