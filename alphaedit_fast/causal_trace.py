@@ -166,12 +166,18 @@ class CausalTracer:
         return factor * float(states.std())
 
     def trace(self, prompt: str, subject: str, target: str | None = None, kinds: Sequence[str] = KINDS,
-              seed: int | None = None, progress=None) -> PromptTrace:
+              seed: int | None = None, progress=None, tokens: Sequence[int] | None = None) -> PromptTrace:
         """Restore every (token, layer) state of each kind in `kinds` once. `target`: the true
         object, whose first token is scored (as `evaluation.score_targets` does), or None for the
-        model's own prediction. `seed` draws the noise (default: the tracer's)."""
+        model's own prediction. `seed` draws the noise (default: the tracer's). `tokens`: restore
+        only these token positions (default: every one from the subject's first on; the rows of
+        the others from the subject on are NaN)."""
         check_kinds(kinds)
         ids, span = self.span(prompt, subject)
+        traced = range(span[0], len(ids)) if tokens is None else sorted(set(tokens))
+        if traced and not span[0] <= traced[0] <= traced[-1] < len(ids):
+            raise InvalidArgumentError(f"tokens to restore must lie in {span[0]}..{len(ids) - 1} (from the "
+                                       f"subject's first token to the prompt's last), got {list(tokens)}")
         x = torch.tensor([ids], device=self.device)
         generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
         width = self.model.get_input_embeddings().weight.shape[1]
@@ -185,8 +191,11 @@ class CausalTracer:
             target_id = self.target_id(target)
         corrupted = float(self.restored_probabilities(x, span, noise, [[]], clean_states)[0, target_id])
         n_tokens = len(ids)
-        jobs = [(k, t, l) for k in kinds for t in range(span[0], n_tokens) for l in range(self.num_layers)]
+        jobs = [(k, t, l) for k in kinds for t in traced for l in range(self.num_layers)]
         restored = {k: torch.full((n_tokens, self.num_layers), corrupted) for k in kinds}
+        untraced = sorted(set(range(span[0], n_tokens)) - set(traced))
+        for rows in restored.values():
+            rows[untraced] = float("nan")
         for start in range(0, len(jobs), self.batch_size):
             batch = jobs[start : start + self.batch_size]
             probs = self.restored_probabilities(x, span, noise, [[job] for job in batch], clean_states)

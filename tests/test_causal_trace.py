@@ -95,6 +95,26 @@ def test_tokens_before_the_subject_are_exactly_not_corrupted():
     assert torch.all(trace.restored["mlp"][: span[0]] == trace.corrupted)
 
 
+def test_restoring_chosen_tokens_gives_those_rows_of_the_full_trace():
+    """`tokens` (the fact world's subject-last vs last token trace): the same rows, batched
+    differently; the rows not traced from the subject on are NaN."""
+    model, tok = tiny_model("llama"), tiny_tokenizer_for("llama")
+    tracer = CausalTracer(model, tok, noise=1.0, batch_size=5)
+    ids, (first, last) = tracer.span(PROMPT, SUBJECT)
+    chosen = [last, len(ids) - 1]
+    full = tracer.trace(PROMPT, SUBJECT, TARGET, kinds=["block", "mlp"])
+    part = tracer.trace(PROMPT, SUBJECT, TARGET, kinds=["block", "mlp"], tokens=chosen)
+    atol = log_prob_atol(model, tok, ids)
+    assert part.corrupted == pytest.approx(full.corrupted, rel=atol) and part.clean == full.clean
+    for kind in ("block", "mlp"):
+        assert (part.restored[kind][chosen].log() - full.restored[kind][chosen].log()).abs().max() <= atol
+        assert torch.all(part.restored[kind][:first] == part.corrupted)
+        others = [t for t in range(first, len(ids)) if t not in chosen]
+        assert others and part.restored[kind][others].isnan().all()
+    with pytest.raises(InvalidArgumentError, match="tokens to restore"):
+        tracer.trace(PROMPT, SUBJECT, TARGET, tokens=[first - 1])
+
+
 def test_without_noise_every_restoration_is_the_clean_run():
     model, tok = tiny_model("gpt2"), tiny_tokenizer_for("gpt2")
     trace = CausalTracer(model, tok, noise=0.0).trace(PROMPT, SUBJECT, TARGET)

@@ -10,73 +10,36 @@ import argparse
 import random
 import sys
 
-import torch
 from tqdm.auto import tqdm
 
+from ..causal_trace import CausalTracer
 from ..errors import run_reporting_errors
-from ..trace import hidden_of, with_hidden
 from . import load_model
-from .evaluate import object_id
 
 
-def subject_span(tok, prompt, subject):
-    start = prompt.index(subject)
-    end = start + len(subject)
-    enc = tok(prompt, return_offsets_mapping=True)
-    idx = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < end]
-    return enc["input_ids"], idx
-
-
-@torch.no_grad()
 def causal_trace(model, tok, world, n=60, noise=3.0, seed=0, relation=None, progress=False):
     """Mean recovered p(object) restoring the layer-l output at the subject's last token vs the last token,
-    over `n` facts (of `relation` only, if given); `progress` shows a bar over the facts."""
+    over `n` facts (of `relation` only, if given); `progress` shows a bar over the facts. The noise is
+    `noise` x the standard deviation of the embedding matrix; the tracing is `CausalTracer`'s."""
     rng = random.Random(seed)
     facts = rng.sample([f for f in world.fact_list() if relation in (None, f[1])], n)
-    layers = model.model.layers
-    emb_std = model.model.embed_tokens.weight.std().item()
-    L = len(layers)
+    emb_std = model.get_input_embeddings().weight.std().item()
+    tracer = CausalTracer(model, tok, noise=noise * emb_std)
+    L = tracer.num_layers
     res = {"clean": 0.0, "corrupt": 0.0, "subj": [0.0] * L, "last": [0.0] * L}
     for s, r, o in tqdm(facts, desc=f"tracing {relation or 'all facts'}", unit="fact", disable=not progress,
                         leave=False):
-        prompt = world.relations[r]["templates"][0].format(s)
-        ids, span = subject_span(tok, prompt, s)
-        x = torch.tensor([ids])
-        target = object_id(tok, o)
-        clean_h = []
-        def keep(m, a, out, store=clean_h):
-            store.append(hidden_of(out).clone())
-
-        hs = [layer.register_forward_hook(keep) for layer in layers]
-        p_clean = model(x).logits[0, -1].softmax(-1)[target].item()
-        for h in hs:
-            h.remove()
-        g = torch.Generator().manual_seed(rng.randrange(1 << 30))
-        nz = torch.randn(len(span), model.config.hidden_size, generator=g) * noise * emb_std
-
-        def corrupt(m, a, out, span=span, nz=nz):
-            out = out.clone()
-            out[0, span] += nz
-            return out
-
-        def run(restore_layer=None, pos=None, x=x, target=target, clean_h=clean_h, corrupt=corrupt):
-            handles = [model.model.embed_tokens.register_forward_hook(corrupt)]
-            if restore_layer is not None:
-                def rest(m, a, out, clean_h=clean_h, restore_layer=restore_layer, pos=pos):
-                    hid = hidden_of(out).clone()
-                    hid[0, pos] = clean_h[restore_layer][0, pos]
-                    return with_hidden(out, hid)
-                handles.append(layers[restore_layer].register_forward_hook(rest))
-            p = model(x).logits[0, -1].softmax(-1)[target].item()
-            for h in handles:
-                h.remove()
-            return p
-
-        res["clean"] += p_clean / n
-        res["corrupt"] += run() / n
+        template = world.relations[r]["templates"][0]
+        ids, (_, subject_last) = tracer.span(template, s)
+        last = len(ids) - 1
+        trace = tracer.trace(template, s, o, kinds=("block",), seed=rng.randrange(1 << 30),
+                             tokens=(subject_last, last))
+        restored = trace.restored["block"]
+        res["clean"] += trace.clean / n
+        res["corrupt"] += trace.corrupted / n
         for layer in range(L):
-            res["subj"][layer] += run(layer, span[-1]) / n
-            res["last"][layer] += run(layer, len(ids) - 1) / n
+            res["subj"][layer] += float(restored[subject_last, layer]) / n
+            res["last"][layer] += float(restored[last, layer]) / n
     return res
 
 
