@@ -11,7 +11,7 @@ import torch
 from .bench import SHAPES
 from .errors import InvalidArgumentError, ModelFileError, run_reporting_errors
 from .loading import DTYPES, add_model_arguments, checkpoint_dtype, default_device, load_model, resolve_model_name
-from .timing import progress_line
+from .timing import edit_progress, progress_line
 from .tiny import FAMILY_CONFIGS
 
 
@@ -154,6 +154,7 @@ def run_projector(args) -> None:
 
 
 STATE_FILE = "editor-state.safetensors"
+_SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue-eval"
 
 
 def _load_hparams(name_or_path):
@@ -164,42 +165,67 @@ def _load_hparams(name_or_path):
 
 
 def run_edit_command(args) -> None:
+    """`edit`: sequential batches with a checkpoint after each in OUT.stream/ (`stream.EditStream`,
+    resumable with --resume), then the edited model, tokenizer and editor state written to --out
+    atomically, and OUT.stream/ removed."""
+    import shutil
     import time
 
     from .editor import AlphaEditor
     from .projector import load_projector
     from .requests import load_requests
     from .storage import write_directory
+    from .stream import EditStream, StreamMismatchError, has_checkpoint, stream_directory
 
     out = Path(args.out)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").exists())):
         raise ModelFileError(f"--out {out} exists and is not a model directory; it would be replaced: "
                              "choose another path")
+    checkpoints = stream_directory(out)
+    if has_checkpoint(checkpoints) and not args.resume:
+        raise StreamMismatchError(f"{checkpoints} holds an unfinished edit stream for --out {out}: add --resume to "
+                                  "continue it, or delete it to start again")
+    if args.resume and not has_checkpoint(checkpoints):
+        raise StreamMismatchError(f"--resume: there is no unfinished edit stream for --out {out} ({checkpoints} "
+                                  + ("is gone: the stream finished" if (out / "config.json").exists() else
+                                     "does not exist") + "); run without --resume to start one")
     state = args.state
-    if state is None and not args.fresh and (Path(args.model) / STATE_FILE).is_file():
+    if state is None and not args.fresh and not args.resume and (Path(args.model) / STATE_FILE).is_file():
         state = Path(args.model) / STATE_FILE
         print(f"continuing from {state} (--fresh starts a new editor state instead)")
     if state and args.projector:
         raise InvalidArgumentError(f"the editor state {state} holds its projector: drop --projector, "
                              "or pass --fresh to start a new state with it")
+    if args.resume and (args.projector or args.state):
+        raise InvalidArgumentError("--resume continues with the stream's own projector and state: drop --projector "
+                                   "and --state")
     hparams = _load_hparams(args.hparams)  # the files first: loading a large model takes minutes
     requests = load_requests(args.requests)
+    size = args.batch_size or len(requests)
     source = resolve_model_name(args.model)  # once: a GGUF is hashed, a hub host resolved
     model, tok = load_model(source, args.dtype, args.device, args.device_map)
     save_dtype = DTYPES[args.save_dtype] if args.save_dtype != "auto" else checkpoint_dtype(source) or model.dtype
-    if state:
-        editor = AlphaEditor.from_state(model, tok, hparams, state, progress=True)
+    if args.resume:
+        stream = EditStream.resume(checkpoints, model, tok, hparams, requests, {"progress": True},
+                                   batch_size=size)
+        editor = stream.editor
+        print(f"resuming after {stream.done} of {len(requests)} edits ({stream.editor.num_edits} in the editor)")
     else:
-        projector = (load_projector(args.projector, model, allow_foreign=args.allow_foreign_projector)
-                     if args.projector else None)
-        editor = AlphaEditor(model, tok, hparams, projector=projector, progress=True,
-                             allow_foreign_projector=args.allow_foreign_projector)
-    size = args.batch_size or len(requests)
+        if state:
+            editor = AlphaEditor.from_state(model, tok, hparams, state, progress=True)
+        else:
+            projector = (load_projector(args.projector, model, allow_foreign_projector=args.allow_foreign_projector)
+                         if args.projector else None)
+            editor = AlphaEditor(model, tok, hparams, projector=projector, progress=True,
+                                 allow_foreign_projector=args.allow_foreign_projector)
+        stream = EditStream.start(checkpoints, editor, requests, batch_size=size)
     start = time.perf_counter()
-    for i in range(0, len(requests), size):
-        seconds = editor.edit(requests[i : i + size])
-        phases = ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items())
-        print(f"edits {i + 1}-{min(i + size, len(requests))}: {phases}")
+    with edit_progress(len(requests), stream.done) as bar:
+        for first, stop in stream.batches(size):
+            seconds = editor.edit(requests[first:stop])
+            stream.save(stop, {"seconds": _add_seconds(stream.progress.get("seconds", {}), seconds)})
+            bar.update(stop - first)
+            progress_line(f"edits {first + 1}-{stop}: " + ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()))
 
     def write(directory: Path) -> None:
         if model.dtype != save_dtype:  # the edit is done: cast in place rather than copy the weights
@@ -209,7 +235,12 @@ def run_edit_command(args) -> None:
         editor.save_state(directory / STATE_FILE)
 
     write_directory(out, write)  # model, tokenizer and state appear together or not at all
+    shutil.rmtree(checkpoints)
     print(f"{len(requests)} edits in {time.perf_counter() - start:.1f}s ({editor.num_edits} in total) -> {out}")
+
+
+def _add_seconds(total: dict[str, float], seconds: dict[str, float]) -> dict[str, float]:
+    return {k: total.get(k, 0.0) + seconds.get(k, 0.0) for k in {**total, **seconds}}
 
 
 def run_eval(args) -> None:
@@ -221,15 +252,35 @@ def run_eval(args) -> None:
 
 
 def run_eval_requests(args) -> None:
-    """`eval --requests FILE`: sequential edits of a user's records, scored as the original does."""
+    """`eval --requests FILE`: sequential edits of a user's records, scored as the original does,
+    checkpointed after every batch in OUT/stream/ (resumable with --resume; removed at the end)."""
+    import shutil
+
     from .editor import AlphaEditor
     from .evaluation import evaluate_edits, load_cases, versions, write_evaluation
+    from .stream import StreamMismatchError, has_checkpoint
 
     schema, cases = load_cases(args.requests, zsre_target=args.zsre_target)
     n_edits = args.edits or len(cases)
     if n_edits > len(cases):
         raise InvalidArgumentError(f"--edits {n_edits}: {args.requests} holds {len(cases)} records")
     cases = cases[:n_edits]
+    batch_size = args.batch_size or len(cases)
+    for name in ("curve_every", "general_every"):
+        every = getattr(args, name)
+        if every is not None and (every < 1 or every % batch_size):
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} {every}: must be a multiple of --batch-size "
+                                       f"{batch_size}")
+    if args.general_every and not args.general and not args.perplexity:
+        raise InvalidArgumentError("--general-every needs --general TASKS and/or --perplexity FILE")
+    probe, probe_key = eval_probe(args)  # data files checked before the model loads
+    checkpoints = Path(args.out) / "stream"
+    if has_checkpoint(checkpoints) and not args.resume:
+        raise StreamMismatchError(f"{checkpoints} holds an unfinished evaluation: add --resume to continue it, or "
+                                  "choose another --out")
+    if args.resume and not has_checkpoint(checkpoints):
+        raise StreamMismatchError(f"--resume: {args.out} holds no unfinished evaluation ({checkpoints} "
+                                  "does not exist); run without --resume to start one")
     from .factworld import SHIPPED_MODEL
 
     model = args.model if args.model is not None else SHIPPED_MODEL
@@ -238,12 +289,14 @@ def run_eval_requests(args) -> None:
         model, hparams=args.hparams, projector=args.projector, stats=args.stats,
         context_templates=args.context_templates, dtype=args.dtype, device=args.device, device_map=args.device_map,
         allow_foreign_projector=args.allow_foreign_projector, progress=True)
-    metrics, records = evaluate_edits(editor, cases, schema, args.batch_size or len(cases), before=not args.no_before,
-                                      curve=args.curve, fluency=not args.no_fluency,
-                                      generation_length=args.generation_length)
+    metrics, records = evaluate_edits(
+        editor, cases, schema, batch_size, before=not args.no_before, curve=args.curve, curve_every=args.curve_every,
+        fluency=not args.no_fluency, fluency_records=args.fluency_records, generation_length=args.generation_length,
+        probe=probe, probe_every=args.general_every, checkpoints=checkpoints, resume=args.resume,
+        stream_fingerprints={"probe": probe_key})
     metrics.update(model=str(model), requests=str(args.requests), hparams=editor.hparams.to_dict(),
                    context_templates=editor.context_templates, projector=args.projector or args.stats or "corpus",
-                   versions=versions())
+                   versions=versions(), threads=torch.get_num_threads())
     def rates(summary, when):
         parts = [f"{k} {v:.3f}" for k, v in summary["rates"].items() if v is not None]
         if schema != "counterfact" and any(v is not None for v in summary["nll_rates"].values()):
@@ -259,6 +312,43 @@ def run_eval_requests(args) -> None:
     print(f"after {len(cases)} edits in batches of {metrics['batch_size']} ({kind}): {rates(metrics, 'after')}")
     for path in write_evaluation(args.out, metrics, records):
         print(f"-> {path}")
+    shutil.rmtree(checkpoints)
+
+
+def eval_probe(args):
+    """(probe(model, tok) -> {"general": {task: metrics}, "perplexity": float} or None, a key naming what it
+    measures) for `eval --general TASKS --perplexity FILE`; the data files are checked here."""
+    if not args.general and not args.perplexity:
+        return None, None
+    from .general import TASKS, evaluate_general, load_task
+
+    tasks = []
+    if args.general:
+        tasks = TASKS if args.general == "all" else args.general.split(",")
+        for task in tasks:
+            load_task(args.general_data, task, args.general_items)  # a missing file says where to get it
+    tokens = None
+    if args.perplexity:
+        from .storage import file_fingerprint
+
+        if not Path(args.perplexity).is_file():
+            raise InvalidArgumentError(f"--perplexity {args.perplexity} does not exist: give a text file the key "
+                                       "statistics did not read")
+        tokens = file_fingerprint(args.perplexity)
+
+    def probe(model, tok) -> dict:
+        from .perplexity import perplexity, read_text_tokens
+
+        out = {}
+        if tasks:
+            out["general"] = evaluate_general(model, tok, args.general_data, tasks, args.general_items)
+        if args.perplexity:
+            ids = read_text_tokens(tok, args.perplexity, args.perplexity_tokens)
+            out["perplexity"] = perplexity(model, tok, ids)
+        return out
+
+    return probe, {"tasks": list(tasks), "items": args.general_items, "perplexity": tokens,
+                   "perplexity_tokens": args.perplexity_tokens}
 
 
 def run_eval_factworld(args) -> None:
@@ -398,7 +488,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"atomically: model, tokenizer and {STATE_FILE} appear together (an existing DIR is "
                           f"replaced only when the new one is complete). When --model DIR holds an {STATE_FILE} "
                           "(an earlier edit's output), editing continues from it as if given with --state; --fresh "
-                          "starts a new state instead.")
+                          "starts a new state instead. After every batch of --batch-size a checkpoint (the edited "
+                          "layers' weights and the editor state) replaces the last one in OUT.stream/ (removed "
+                          "when OUT is written); after a kill, --resume continues from it and ends with the "
+                          "weights an uninterrupted run gives.")
     add_model_arguments(edit)
     edit.add_argument("--requests", required=True, help="JSON/JSONL, CounterFact or EasyEdit schema")
     edit.add_argument("--hparams", required=True, help="an AlphaEdit hparams JSON (the original format)")
@@ -412,7 +505,10 @@ def main(argv: list[str] | None = None) -> int:
                        f"(default: --model DIR/{STATE_FILE} when it exists)")
     state.add_argument("--fresh", action="store_true",
                        help=f"start a new editor state even if --model DIR holds an {STATE_FILE}")
-    edit.add_argument("--batch-size", type=int, default=0, help="edits per batch (default: all at once)")
+    edit.add_argument("--batch-size", type=int, default=0, help="edits per batch (default: all at once); a "
+                      "checkpoint is written to --out after each")
+    edit.add_argument("--resume", action="store_true", help="continue the interrupted stream in --out after its last "
+                      "finished batch (the same --model, --requests, --hparams and --batch-size are required)")
     edit.add_argument("--save-dtype", default="auto", choices=["auto", *DTYPES],
                       help="dtype of the saved weights (default auto: the checkpoint's own, whatever --dtype ran)")
     evaluate = sub.add_parser(
@@ -439,6 +535,22 @@ def main(argv: list[str] | None = None) -> int:
                           help="the ZsRE edit target: answers[0] (the original's) or alt (EasyEdit's)")
     evaluate.add_argument("--curve", action="store_true", help="also score the records edited so far after every "
                           "batch and plot the rates (curve.png)")
+    evaluate.add_argument("--curve-every", type=int, help="with --curve: a point every N edits (a multiple of "
+                          "--batch-size; default: every batch)")
+    evaluate.add_argument("--fluency-records", type=int, help="with --curve: fluency at each point from the rewrite "
+                          "prompts of the first N records (default: none on the curve; before and after: all)")
+    evaluate.add_argument("--general", help="general capability as the paper measures it (the original's glue_eval, "
+                          "zero-shot, 100 items each): comma-separated sst2,mrpc,cola,rte,nli,mmlu or 'all'")
+    evaluate.add_argument("--general-data", default=str(_SHARED_GLUE), help="directory of the glue_eval JSON files "
+                          "(default: ../shared/data/glue-eval beside the clone)")
+    evaluate.add_argument("--general-items", type=int, default=100, help="items scored per task (default 100)")
+    evaluate.add_argument("--general-every", type=int, help="--general and --perplexity before the first edit, every "
+                          "N edits (a multiple of --batch-size) and after the last (default: before and after)")
+    evaluate.add_argument("--perplexity", help="perplexity of the first --perplexity-tokens tokens of this text file "
+                          "(text the key statistics did not read), when --general runs")
+    evaluate.add_argument("--perplexity-tokens", type=int, default=16384)
+    evaluate.add_argument("--resume", action="store_true", help="continue the interrupted evaluation in --out after "
+                          "its last finished batch (OUT/stream/ holds its checkpoint; the same arguments are required)")
     evaluate.add_argument("--no-before", action="store_true", help="do not score the records before editing")
     evaluate.add_argument("--no-fluency", action="store_true", help="--requests: skip the n-gram entropy of greedy "
                           "generations from the rewrite prompts (the original's fluency), before and after")

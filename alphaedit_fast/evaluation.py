@@ -376,60 +376,153 @@ def greedy_generations(model, tok, prompts: Sequence[str], max_length: int = 100
 
 
 # -- sequential editing and evaluation -------------------------------------------------------
+def rewrite_success(results: Sequence[dict]) -> list[bool | None]:
+    """Per case: NLL(new) < NLL(true) at the rewrite prompt (None without a true target)."""
+    out = []
+    for r in results:
+        probs = r["rewrite_prompts_probs"][0]
+        out.append(probs["target_new"] < probs["target_true"] if "target_true" in probs else None)
+    return out
+
+
 def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, *, before: bool = True,
-                   curve: bool = False, fluency: bool = False, generation_length: int = 100, batch_tokens: int = 4096,
-                   log=print) -> tuple[dict, list[dict]]:
+                   curve: bool = False, curve_every: int | None = None, fluency: bool = False,
+                   fluency_records: int | None = None, generation_length: int = 100, batch_tokens: int = 4096,
+                   probe=None, probe_every: int | None = None, checkpoints=None, resume: bool = False,
+                   stream_fingerprints: dict | None = None, log=print) -> tuple[dict, list[dict]]:
     """Edit `cases` with `editor` in sequential batches of `batch_size`, then score every case,
     as the original's `evaluate.py` does (with `before`, also before the first edit; with
-    `curve`, every case before the first edit (the 0-edit point) and the cases edited so far after
-    every batch; with `fluency`, the n-gram entropy of greedy generations from the rewrite prompts
-    after the edits, and before them with `before`).
+    `fluency`, the n-gram entropy of greedy generations from the rewrite prompts after the edits,
+    and before them with `before`).
+
+    With `curve`: every case before the first edit (the 0-edit point) and the cases edited so far
+    after every `curve_every` edits (default: every batch), each point with both metric families,
+    each edited weight's ||W - W_0||_F and, with `fluency_records`, the fluency of the first that
+    many cases; and `retention`, the share of the first batch's successful rewrites (NLL(new) <
+    NLL(true) right after their batch) that still hold at the end. `probe(model, tok) -> dict` (general
+    capability, perplexity) runs before the first edit, every `probe_every` edits and at the end.
+
+    `checkpoints`: a directory where the stream (`stream.EditStream`) checkpoints the edited
+    weights, editor state and everything measured so far after every batch; with `resume` it
+    continues there after the last finished batch, and the result equals an uninterrupted run's.
 
     Returns (metrics, per-case records `{"case_id", "requested_rewrite", "num_edits", "post",
     ["pre"]}`); metrics holds rates, margins, accuracies, seconds and peak memory per phase.
     """
-    from .timing import Phases
+    from .stream import EditStream
+    from .timing import Phases, edit_progress
 
-    model, tok = editor.model, editor.tok
-    device = model.get_input_embeddings().weight.device
-    seconds: dict[str, float] = {}
-    peak: dict[str, int] = {}
-    phases = Phases(device, seconds, peak)
-    pre = None
-    rewrite_prompts = [c["requested_rewrite"]["prompt"].format(c["requested_rewrite"]["subject"]) for c in cases]
-    entropy = {}
-    if before or curve:  # the curve starts at 0 edits: every case on the unedited model
-        with phases("evaluate before"):
-            pre = score_cases(model, tok, cases, schema, batch_tokens)
-            if fluency and before:
-                entropy["before"] = generation_entropy(model, tok, rewrite_prompts, generation_length)
+    n = len(cases)
     requests = [edit_request(c) for c in cases]
-    points = [{"n_edits": 0, **summarize(pre, schema)["rates"]}] if curve else []
-    for start in range(0, len(cases), batch_size):
-        stop = min(start + batch_size, len(cases))
-        for name, value in editor.edit(requests[start:stop], peak_bytes=peak).items():
-            seconds[name] = seconds.get(name, 0.0) + value
-        log(f"edits {start + 1}-{stop} of {len(cases)}: " + ", ".join(
-            f"{k} {v:.1f}s" for k, v in seconds.items() if not k.startswith("evaluate")))
-        if curve and stop < len(cases):
-            with phases("evaluate curve"):
-                points.append({"n_edits": stop, **summarize(score_cases(model, tok, cases[:stop], schema,
-                                                                        batch_tokens), schema)["rates"]})
+    curve_every = curve_every or batch_size
+    if curve_every % batch_size or (probe is not None and (probe_every or batch_size) % batch_size):
+        raise ValueError(f"curve_every and probe_every must be multiples of the batch size {batch_size}")
+    stream = None
+    if checkpoints is not None:
+        settings = dict(schema=schema, batch_size=batch_size, before=before, curve=curve, curve_every=curve_every,
+                        fluency=fluency, fluency_records=fluency_records, generation_length=generation_length,
+                        probe_every=probe_every if probe is not None else None, cases=list(cases),
+                        **(stream_fingerprints or {}))
+        if resume:
+            options = dict(z_batch_size=editor.z_batch_size, progress=editor.progress, solver=editor.solver.method,
+                           solve_dtype=editor.solver.dtype)
+            stream = EditStream.resume(checkpoints, editor.model, editor.tok, editor.hparams, requests, options,
+                                       **settings)
+            editor = stream.editor
+            log(f"resuming after {stream.done} of {n} edits")
+        else:
+            stream = EditStream.start(checkpoints, editor, requests, **settings)
+    model, tok = editor.model, editor.tok
+    names = [editor.hparams.rewrite_module_tmp.format(layer) for layer in editor.hparams.layers]
+    unedited = stream.unedited if stream else {name: model.get_submodule(name).weight.detach().clone()
+                                               for name in names}
+
+    def weight_change() -> dict[str, float]:
+        return {name: float((model.get_submodule(name).weight.detach().float() - w.float()).norm())
+                for name, w in unedited.items()}
+
+    state = dict(stream.progress) if stream and stream.progress else {
+        "seconds": {}, "peak": {}, "entropy": {}, "points": [], "probes": [], "first_batch": None}
+    seconds, peak = state["seconds"], state["peak"]
+    phases = Phases(model.get_input_embeddings().weight.device, seconds, peak)
+    rewrite_prompts = [c["requested_rewrite"]["prompt"].format(c["requested_rewrite"]["subject"]) for c in cases]
+    fluency_sample = rewrite_prompts[:fluency_records] if fluency and fluency_records else []
+
+    def point(n_edits: int, results: list[dict]) -> dict:
+        rates = summarize(results, schema)
+        out = {"n_edits": n_edits, **rates["rates"], "nll_rates": rates["nll_rates"],
+               "accuracy": rates["accuracy"], "weight_change": weight_change()}
+        if fluency_sample:
+            out["fluency"] = generation_entropy(model, tok, fluency_sample, generation_length)
+        return out
+
+    def run_probe(n_edits: int) -> None:
+        with phases("evaluate probes"):
+            state["probes"].append({"n_edits": n_edits, **probe(model, tok)})
+        log(f"after {n_edits} edits: " + ", ".join(f"{k} {_brief(v)}" for k, v in state["probes"][-1].items()
+                                                   if k != "n_edits"))
+
+    if "pre" not in state and (before or curve):  # the curve starts at 0 edits: every case on the unedited model
+        with phases("evaluate before"):
+            state["pre"] = score_cases(model, tok, cases, schema, batch_tokens)
+            if fluency and before:
+                state["entropy"]["before"] = generation_entropy(model, tok, rewrite_prompts, generation_length)
+            if curve:
+                state["points"].append(point(0, state["pre"]))
+        if probe is not None:
+            run_probe(0)
+        if stream:
+            stream.save(0, state)
+    with edit_progress(n, stream.done if stream else 0) as bar:
+        for start, stop in (stream.batches(batch_size) if stream else
+                            ((i, min(i + batch_size, n)) for i in range(0, n, batch_size))):
+            for name, value in editor.edit(requests[start:stop], peak_bytes=peak).items():
+                seconds[name] = seconds.get(name, 0.0) + value
+            bar.update(stop - start)
+            log(f"edits {start + 1}-{stop} of {n}: " + ", ".join(
+                f"{k} {v:.1f}s" for k, v in seconds.items() if not k.startswith("evaluate")))
+            if curve and state["first_batch"] is None:
+                with phases("evaluate curve"):
+                    state["first_batch"] = rewrite_success(score_cases(model, tok, cases[:stop], schema, batch_tokens))
+            if curve and stop < n and stop % curve_every == 0:
+                with phases("evaluate curve"):
+                    state["points"].append(point(stop, score_cases(model, tok, cases[:stop], schema, batch_tokens)))
+                log(f"after {stop} edits: " + ", ".join(f"{k} {_brief(v)}" for k, v in state["points"][-1].items()
+                                                        if k in (*RATES, "fluency")))
+            if probe is not None and stop < n and stop % (probe_every or batch_size) == 0:
+                run_probe(stop)
+            if stream:
+                stream.save(stop, state)
     with phases("evaluate"):
         post = score_cases(model, tok, cases, schema, batch_tokens)
         if fluency:
-            entropy["after"] = generation_entropy(model, tok, rewrite_prompts, generation_length)
+            state["entropy"]["after"] = generation_entropy(model, tok, rewrite_prompts, generation_length)
+    if probe is not None and (not state["probes"] or state["probes"][-1]["n_edits"] != n):
+        run_probe(n)
     summary = summarize(post, schema)
-    if curve:
-        points.append({"n_edits": len(cases), **summary["rates"]})
-    metrics = {"schema": schema, "definition": DEFINITIONS[schema], "n_cases": len(cases), "batch_size": batch_size,
-               **summary, "seconds": seconds, "peak_memory_bytes": peak}
+    metrics = {"schema": schema, "definition": DEFINITIONS[schema], "n_cases": n, "batch_size": batch_size,
+               **summary, "seconds": seconds, "seconds_per_edit": {k: v / n for k, v in seconds.items()},
+               "peak_memory_bytes": peak, "weight_change": weight_change()}
+    pre = state.get("pre")
     if before:
         metrics["before"] = summarize(pre, schema)
     if curve:
-        metrics["curve"] = points
+        final = {"n_edits": n, **summary["rates"], "nll_rates": summary["nll_rates"], "accuracy": summary["accuracy"],
+                 "weight_change": metrics["weight_change"]}
+        if fluency_sample:
+            final["fluency"] = generation_entropy(model, tok, fluency_sample, generation_length)
+        metrics["curve"] = [*state["points"], final]
+        after = rewrite_success(post)
+        successes = [i for i, ok in enumerate(state["first_batch"] or []) if ok]
+        held = sum(bool(after[i]) for i in successes)
+        metrics["retention"] = {"first_batch_successes": len(successes), "still_held": held,
+                                "rate": held / len(successes)} if successes else None
+    if probe is not None:
+        metrics["probes"] = state["probes"]
     if fluency:
-        metrics["fluency"] = {**entropy, "definition": FLUENCY_DEFINITION.format(max_length=generation_length)}
+        metrics["fluency"] = {**state["entropy"], "definition": FLUENCY_DEFINITION.format(max_length=generation_length)}
+        if fluency_sample:
+            metrics["fluency"]["curve_sample"] = len(fluency_sample)
 
     def with_rates(scores):
         return {**scores, "rates": summarize([scores], schema)["rates"]}
@@ -438,6 +531,16 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
                 "post": with_rates(post[i]), **({"pre": with_rates(pre[i])} if before else {})}
                for i, c in enumerate(cases)]
     return metrics, records
+
+
+def _brief(value) -> str:
+    """A float to 3 decimals; a dict of dicts (general capability per task) as each entry's `f1_new` / `f1`."""
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
+        return ", ".join(f"{k} f1_new {v.get('f1_new', float('nan')):.2f} f1 {v.get('f1', float('nan')):.2f}"
+                         for k, v in value.items())
+    return str(value)
 
 
 def versions() -> dict[str, str]:

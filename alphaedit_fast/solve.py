@@ -135,7 +135,9 @@ class ProjectedSolver:
                  dtype: torch.dtype = torch.float32, cache_proj: list[torch.Tensor] | None = None):
         if method not in SOLVERS or method == "dense":
             raise ValueError(f"method must be one of auto, cholesky, woodbury; got {method!r}")
-        self.bases = [u.to(dtype) for u in bases]
+        # row-major throughout (QR gives column-major bases, a Woodbury update a transposed inverse):
+        # a BLAS picks its kernel by layout, and a checkpoint's tensors must compute as the originals did
+        self.bases = [u.to(dtype).contiguous() for u in bases]
         self.cache_proj = cache_proj or [u.new_zeros(u.shape[1], u.shape[1]) for u in self.bases]
         for u, cp in zip(self.bases, self.cache_proj):
             if cp.shape != (u.shape[1], u.shape[1]):
@@ -152,7 +154,7 @@ class ProjectedSolver:
         if self._inv_m[index] is None:
             m = self.cache_proj[index].to(torch.float64)
             m.diagonal().add_(self.l2)
-            self._inv_m[index] = torch.cholesky_inverse(_cholesky(m, "Cp + l2 I"))
+            self._inv_m[index] = torch.cholesky_inverse(_cholesky(m, "Cp + l2 I")).contiguous()
         return self._inv_m[index]
 
     def update(self, index: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
@@ -169,6 +171,28 @@ class ProjectedSolver:
         All new state is computed before any is stored."""
         projected = [u.T @ k.to(u.dtype) for u, k in zip(self.bases, keys_per_layer)]
         new_cache = [cp + b @ b.T for cp, b in zip(self.cache_proj, projected)]
-        new_inv = [None if inv is None else woodbury_absorb(inv, b.to(inv.dtype))
+        new_inv = [None if inv is None else woodbury_absorb(inv, b.to(inv.dtype)).contiguous()
                    for inv, b in zip(self._inv_m, projected)]
         self.cache_proj, self._inv_m = new_cache, new_inv
+
+    def state_tensors(self, layers: list[int]) -> dict[str, torch.Tensor]:
+        """Everything later updates depend on, by name: each layer's projected cache
+        `layer.{l}.cache_proj` (r, r) and, where one is maintained, `layer.{l}.inverse` (r, r) fp64
+        (updated by Woodbury, not recomputed: a fresh Cholesky inverse differs at rounding level)."""
+        out = {}
+        for layer, cache, inverse in zip(layers, self.cache_proj, self._inv_m):
+            out[f"layer.{layer}.cache_proj"] = cache
+            if inverse is not None:
+                out[f"layer.{layer}.inverse"] = inverse
+        return out
+
+    def load_state_tensors(self, layers: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        """Put back what `state_tensors` returned (on each layer's device, in the solver's dtypes)."""
+        for i, (layer, basis) in enumerate(zip(layers, self.bases)):
+            cache = tensors[f"layer.{layer}.cache_proj"]
+            if cache.shape != (basis.shape[1], basis.shape[1]):
+                raise ShapeError(f"projected cache of layer {layer} must be {(basis.shape[1],) * 2}, "
+                                 f"got {tuple(cache.shape)}")
+            self.cache_proj[i] = cache.to(basis.device, basis.dtype)
+            inverse = tensors.get(f"layer.{layer}.inverse")
+            self._inv_m[i] = None if inverse is None else inverse.to(basis.device, torch.float64)

@@ -92,7 +92,9 @@ def load_tensors(path: str | Path, kind: str, fields: dict[str, object] | None =
     try:
         with safe_open(str(path), framework="pt") as f:
             stored = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            # cloned: the reader's buffers are not 64-byte aligned, and a BLAS rounds differently on
+            # unaligned data, so a checkpoint's tensors would not compute as the ones saved
+            tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise StatsFileError(f"{path} is not a readable safetensors file ({err}); delete it and recompute") from None
     version = stored.get("format_version")

@@ -60,3 +60,11 @@ def progress_line(message: str) -> None:
     from tqdm.auto import tqdm
 
     tqdm.write(message, file=sys.stderr)
+
+
+def edit_progress(total: int, done: int = 0, desc: str = "edits"):
+    """A progress bar of edits on stderr: edits done, edits per second and the time left
+    (counted from `done`, where a resumed stream starts)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc=desc, unit="edit", file=sys.stderr, smoothing=0.1)

@@ -252,6 +252,9 @@ def test_edit_out_is_atomic_and_state_in_model_dir_is_continued(tmp_path, monkey
             "error: RuntimeError: killed while saving the state (--debug for the traceback)")
     assert {p.name: p.read_bytes() for p in (tmp_path / "run2").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert edit("run1", "run2") == 2  # the edited batch waits in run2.stream/ for --resume
+    assert "--resume" in capsys.readouterr().err
+    assert edit("run1", "run2", "--resume") == 0 and num_edits("run2") == 2  # written, run2.stream/ gone
 
     with pytest.warns(UserWarning, match="projector=None"):
         assert edit("run1", "run2", "--fresh") == 0  # replaces run2 whole
