@@ -13,7 +13,13 @@ import torch
 from alphaedit_fast import InvalidRequestError, NonFiniteError
 from alphaedit_fast.cli import main
 from alphaedit_fast.projector import load_projector, nullspace_basis
-from alphaedit_fast.stats import KeyStatistics, collect_statistics, read_original_stats, token_batches
+from alphaedit_fast.stats import (
+    KeyStatistics,
+    collect_statistics,
+    read_original_stats,
+    token_batches,
+    top_p_sample,
+)
 from alphaedit_fast.storage import StatsFileError
 from alphaedit_fast.tiny import corpus, tiny_model, tiny_tokenizer_for
 
@@ -257,3 +263,25 @@ def test_unreadable_corpus_lines_name_the_line(llama, tmp_path):
     for path, message in ((latin1, "latin1.txt:2: not UTF-8"), (deep, "deep.jsonl:2: expected a JSON object")):
         with pytest.raises(InvalidRequestError, match=message):
             collect_statistics(model, tok, path, [1], TEMPLATE, **SETTINGS)
+
+
+@pytest.mark.parametrize("k", [4, 64, 1024])
+def test_top_p_sample_draws_from_the_nucleus_transformers_keeps(k):
+    """Rows from flat to peaked: with k = 4 and 64 some nuclei reach past the top k (sorted whole),
+    others not; k = 1024 covers the vocabulary. Every draw lies in transformers' top-p set, each
+    token about as often as its renormalised probability, and a seed repeats the draws."""
+    from transformers import TopPLogitsWarper
+
+    vocab, draws = 200, 4000
+    scales = torch.tensor([0.1, 1.0, 2.0, 4.0, 8.0, 30.0])
+    logits = torch.randn(len(scales), vocab, generator=torch.Generator().manual_seed(0)) * scales[:, None]
+    kept = TopPLogitsWarper(0.95)(None, logits.clone()).isfinite()
+    expected = torch.where(kept, logits.softmax(-1), 0.0)
+    expected /= expected.sum(-1, keepdim=True)
+    tokens = top_p_sample(logits.repeat(draws, 1), 0.95, torch.Generator().manual_seed(1), k=k).view(draws, -1)
+    assert kept.gather(1, tokens.T).all()
+    frequency = torch.nn.functional.one_hot(tokens, vocab).double().mean(0)
+    bound = 5 * (expected * (1 - expected) / draws).sqrt() + 1e-9  # 5 standard deviations of a frequency
+    assert ((frequency - expected).abs() <= bound).all()
+    again = top_p_sample(logits.repeat(draws, 1), 0.95, torch.Generator().manual_seed(1), k=k).view(draws, -1)
+    assert torch.equal(tokens, again)
