@@ -409,7 +409,7 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
     Returns (metrics, per-case records `{"case_id", "requested_rewrite", "num_edits", "post",
     ["pre"]}`); metrics holds rates, margins, accuracies, seconds and peak memory per phase.
     """
-    from .stream import EditStream
+    from .stream import EditStream, bases_fingerprint
     from .timing import Phases, edit_progress
 
     n = len(cases)
@@ -422,7 +422,7 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
         settings = dict(schema=schema, batch_size=batch_size, before=before, curve=curve, curve_every=curve_every,
                         fluency=fluency, fluency_records=fluency_records, generation_length=generation_length,
                         probe_every=probe_every if probe is not None else None, cases=list(cases),
-                        **(stream_fingerprints or {}))
+                        projector=bases_fingerprint(editor.solver.bases), **(stream_fingerprints or {}))
         if resume:
             options = dict(z_batch_size=editor.z_batch_size, progress=editor.progress, solver=editor.solver.method,
                            solve_dtype=editor.solver.dtype)
@@ -567,26 +567,45 @@ def write_evaluation(out_dir, metrics: dict, records: Sequence[dict]) -> list[Pa
 
 
 def plot_curve(metrics: dict, path) -> Path:
-    """Each rate against the number of edits."""
+    """Each rate against the number of edits; with probes, general capability (each task's
+    log-probability answer, f1_new) and perplexity beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    probes = metrics.get("probes", [])
+    panels = 1 + any("general" in p for p in probes) + any("perplexity" in p for p in probes)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.6), squeeze=False)
+    ax = axes[0][0]
     xs = [p["n_edits"] for p in metrics["curve"]]
     for rate in RATES:
         ys = [p[rate] for p in metrics["curve"]]
         if any(y is not None for y in ys):
             ax.plot(xs, [math.nan if y is None else y for y in ys], marker=".", label=rate)
-    ax.set_xlabel("edits")
-    ax.set_xlim(0, max(xs) * 1.04 or 1)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     ax.set_title(f"{metrics['schema']}: sequential batches of {metrics['batch_size']}")
+    extra = iter(axes[0][1:])
+    if any("general" in p for p in probes):
+        general = next(extra)
+        tasks = next(p["general"] for p in probes if "general" in p)
+        for task in tasks:
+            points = [(p["n_edits"], p["general"][task]["f1_new"]) for p in probes if "general" in p]
+            general.plot(*zip(*points), marker=".", label=task)
+        general.set_title("general capability (glue_eval f1_new)")
+        general.set_ylim(-0.02, 1.02)
+    if any("perplexity" in p for p in probes):
+        held_out = next(extra)
+        held_out.plot(*zip(*[(p["n_edits"], p["perplexity"]) for p in probes if "perplexity" in p]), marker=".")
+        held_out.set_title("held-out perplexity")
+    for ax in axes[0]:
+        ax.set_xlabel("edits")
+        ax.set_xlim(0, max(xs) * 1.04 or 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

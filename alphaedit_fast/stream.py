@@ -40,6 +40,17 @@ def fingerprint_of(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def bases_fingerprint(bases: Sequence[torch.Tensor]) -> str:
+    """sha256 of each basis's shape, first 2^20 values and column sums: which projector a stream edits under."""
+    digest = hashlib.sha256()
+    for basis in bases:
+        basis = basis.detach().float().cpu()
+        digest.update(f"{tuple(basis.shape)}".encode())
+        digest.update(basis.reshape(-1)[: 1 << 20].numpy().tobytes())
+        digest.update(basis.sum(0).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
 def has_checkpoint(directory) -> bool:
     return (Path(directory) / CHECKPOINT).is_file()
 

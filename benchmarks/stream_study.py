@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""The AlphaEdit paper's protocol on a real checkpoint: thousands of sequential CounterFact edits in
+batches of 100, AlphaEdit against P = I against the unedited model, both metric families, fluency,
+general capability (the original's glue_eval) and held-out perplexity every --every edits, the
+edited weights' change norms and the retention of the first batch.
+
+Each method is one resumable `alphaedit-fast eval` stream (run this script again after a kill: it
+resumes). Work files (the records' slice, the held-out text, statistics, checkpoints, per-case
+scores) go to --work; study.json, study.png and each method's metrics.json go to --out.
+
+  python benchmarks/stream_study.py --model smollm2-135m --records 2000:2000 --batch-size 100 \\
+      --every 500 --out benchmarks/results/study-smollm2-135m-2000 --work /tmp/study-2000
+  python benchmarks/stream_study.py ... --report      # the curves so far, read from the checkpoints
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+METHODS = {"alphaedit": "AlphaEdit", "identity": "P = I"}
+
+
+def prepare(args, work: Path) -> dict[str, Path]:
+    """The records' slice (EasyEdit's flat schema), the held-out text (the corpus after what the
+    statistics read) and the key statistics, in `work` (computed once)."""
+    work.mkdir(parents=True, exist_ok=True)
+    files = {"requests": work / "requests.json", "heldout": work / "heldout.txt",
+             "stats": work / "key-stats.safetensors"}
+    if not files["requests"].exists():
+        start, count = (int(x) for x in args.records.split(":"))
+        records = json.loads(Path(args.requests).read_text())[start:start + count]
+        files["requests"].write_text(json.dumps(records))
+    if not files["heldout"].exists():  # the statistics read the corpus from its start: score its last part
+        text = Path(args.corpus).read_text(encoding="utf-8")
+        files["heldout"].write_text(text[-args.heldout_chars:])
+    if not files["stats"].exists():
+        from alphaedit_fast import AlphaEditHyperParams
+        from alphaedit_fast.loading import load_model, resolve_model_name
+
+        model, _ = load_model(resolve_model_name(args.model))
+        layers = ",".join(map(str, AlphaEditHyperParams.for_model(model).layers))
+        del model
+        run(["stats", "--model", args.model, "--corpus", args.corpus, "--layers", layers, "--max-tokens",
+             str(args.stats_tokens), "--out", str(work / "stats")])
+        (work / "stats" / "key-stats.safetensors").rename(files["stats"])
+    return files
+
+
+def run(cli_args: list[str]) -> None:
+    command = [sys.executable, "-m", "alphaedit_fast.cli", *cli_args]
+    print("$ alphaedit-fast " + " ".join(cli_args), flush=True)
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def eval_method(args, files: dict[str, Path], method: str, work: Path) -> Path:
+    out = work / method
+    if (out / "metrics.json").exists():
+        return out
+    projector = ["--stats", str(files["stats"])] if method == "alphaedit" else ["--projector", "identity"]
+    run(["eval", "--model", args.model, "--requests", str(files["requests"]), *projector,
+         "--batch-size", str(args.batch_size), "--curve", "--curve-every", str(args.every),
+         "--fluency-records", str(args.fluency_records), "--general", args.general, "--general-data",
+         args.general_data, "--general-every", str(args.every), "--perplexity", str(files["heldout"]),
+         "--threads", str(args.threads), *(["--device", args.device] if args.device else []), "--out", str(out),
+         *(["--resume"] if (out / "stream" / "stream-checkpoint.safetensors").exists() else [])])
+    return out
+
+
+def partial_metrics(work: Path, method: str) -> dict | None:
+    """A running stream's curve and probes so far, from its checkpoint."""
+    from alphaedit_fast.storage import load_tensors
+    from alphaedit_fast.stream import CHECKPOINT, CHECKPOINT_KIND
+
+    done = work / method / "metrics.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    path = work / method / "stream" / CHECKPOINT
+    if not path.exists():
+        return None
+    _, meta = load_tensors(path, CHECKPOINT_KIND)
+    progress = meta["progress"]
+    return {"curve": progress.get("points", []), "probes": progress.get("probes", []),
+            "seconds": progress.get("seconds", {}), "done": meta["done"], "partial": True,
+            "fluency": progress.get("entropy", {})}
+
+
+def plot(study: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("nll_rates", "efficacy"), ("nll_rates", "paraphrase"), ("nll_rates", "neighborhood"),
+              ("fluency", None), ("perplexity", None), ("general", "sst2"), ("general", "mean"),
+              ("weight_change", None)]
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    for ax, (family, key) in zip(axes.flat, panels):
+        for method, label in METHODS.items():
+            metrics = study["runs"].get(method)
+            if not metrics:
+                continue
+            source = metrics["probes"] if family in ("perplexity", "general") else metrics["curve"]
+            xs, ys = [], []
+            for p in source:
+                if family == "general":
+                    tasks = p.get("general", {})
+                    y = (tasks.get(key, {}).get("f1_new") if key != "mean" else
+                         sum(t["f1_new"] for t in tasks.values()) / len(tasks) if tasks else None)
+                elif family == "weight_change":
+                    y = sum(p["weight_change"].values())
+                elif key is None:
+                    y = p.get(family)
+                else:
+                    y = p[family][key]
+                if y is not None:
+                    xs.append(p["n_edits"])
+                    ys.append(y)
+            ax.plot(xs, ys, marker="o", label=label)
+        title = {"nll_rates": "NLL comparison", "general": "glue_eval f1_new"}.get(family, family)
+        ax.set_title(f"{title}: {key}" if key else {"fluency": "fluency (sample of rewrite prompts)",
+                                                    "perplexity": "held-out perplexity",
+                                                    "weight_change": "sum of ||W - W0||_F"}[family])
+        ax.set_xlabel("sequential edits")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{study['model']}: CounterFact records {study['records']}, batches of {study['batch_size']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--requests", default=str(SHARED / "counterfact" / "counterfact-train.json"))
+    parser.add_argument("--records", default="2000:2000", help="START:COUNT of the development records")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--every", type=int, default=500, help="curve, fluency, general and perplexity every N edits")
+    parser.add_argument("--fluency-records", type=int, default=100)
+    parser.add_argument("--general", default="all")
+    parser.add_argument("--general-data", default=str(SHARED / "glue-eval"))
+    parser.add_argument("--corpus", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
+    parser.add_argument("--stats-tokens", type=int, default=60000)
+    parser.add_argument("--heldout-chars", type=int, default=200000, help="perplexity on the corpus's last N chars")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", help="where the model runs (default: eval's, the GPU when there is one)")
+    parser.add_argument("--work", required=True, help="work directory (checkpoints, statistics, per-case scores)")
+    parser.add_argument("--out", required=True, help="directory for study.json, study.png, METHOD-metrics.json")
+    parser.add_argument("--report", action="store_true", help="only collect what is done so far and plot it")
+    args = parser.parse_args(argv)
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = args.methods.split(",")
+    if not args.report:
+        files = prepare(args, work)
+        for method in methods:
+            eval_method(args, files, method, work)
+    study = {"model": args.model, "records": args.records, "batch_size": args.batch_size, "every": args.every,
+             "corpus": args.corpus, "stats_tokens": args.stats_tokens, "heldout_chars": args.heldout_chars,
+             "runs": {}}
+    for method in methods:
+        metrics = partial_metrics(work, method)
+        if metrics is not None:
+            study["runs"][method] = metrics
+            if not metrics.get("partial"):
+                (out / f"{method}-metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out / "study.json").write_text(json.dumps(study, indent=1))
+    print(f"-> {out / 'study.json'}, {plot(study, out / 'study.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
