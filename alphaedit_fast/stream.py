@@ -86,7 +86,7 @@ class EditStream:
         if has_checkpoint(directory):
             raise StreamMismatchError(f"{directory} holds an edit stream's checkpoint: resume it (--resume), or "
                                       "choose another directory (or delete that one) to start a new stream")
-        stream = cls(directory, editor, requests, cls._fingerprints(editor, requests, fingerprints))
+        stream = cls(directory, editor, requests, _fingerprints(editor.model, editor.hparams, requests, fingerprints))
         stream.unedited = stream._weights()
         bases = {f"layer.{l}.basis": u for l, u in zip(editor.hparams.layers, editor.solver.bases)}
         save_tensors(directory / PROJECTOR, bases, {"kind": PROJECTOR_KIND, "fingerprints": stream.fingerprints})
@@ -107,9 +107,7 @@ class EditStream:
             raise StreamMismatchError(f"{directory} holds no edit stream to resume ({CHECKPOINT} is missing): "
                                       "start one without --resume")
         tensors, meta = load_tensors(directory / CHECKPOINT, CHECKPOINT_KIND, CHECKPOINT_FIELDS)
-        expected = {"requests": fingerprint_of(list(requests)), "hparams": fingerprint_of(hparams.to_dict()),
-                    "model": model_fingerprint(model, _names(hparams)),
-                    **{k: fingerprint_of(v) for k, v in fingerprints.items()}}
+        expected = _fingerprints(model, hparams, requests, fingerprints)
         differ = [k for k in sorted(set(expected) | set(meta["fingerprints"]))
                   if expected.get(k) != meta["fingerprints"].get(k)]
         if differ:
@@ -118,7 +116,9 @@ class EditStream:
             raise StreamMismatchError(f"the stream in {directory} was started with different "
                                       f"{', '.join(what.get(k, k) for k in differ)}: resume it with what started it, "
                                       "or start a new stream elsewhere")
-        bases, _ = load_tensors(directory / PROJECTOR, PROJECTOR_KIND, {"fingerprints": dict[str, str]})
+        bases, projector_meta = load_tensors(directory / PROJECTOR, PROJECTOR_KIND, {"fingerprints": dict[str, str]})
+        if projector_meta["fingerprints"] != meta["fingerprints"]:
+            raise StreamMismatchError(f"{directory / PROJECTOR} belongs to another stream than {CHECKPOINT}")
         layers = hparams.layers
         require_tensors(directory / PROJECTOR, bases, [f"layer.{l}.basis" for l in layers])
         names = _names(hparams)
@@ -141,12 +141,6 @@ class EditStream:
         editor.solver.load_state_tensors(layers, tensors)
         editor.num_edits = meta["num_edits"]
         return stream
-
-    @staticmethod
-    def _fingerprints(editor, requests, extra: dict) -> dict[str, str]:
-        return {"requests": fingerprint_of(list(requests)), "hparams": fingerprint_of(editor.hparams.to_dict()),
-                "model": model_fingerprint(editor.model, _names(editor.hparams)),
-                **{k: fingerprint_of(v) for k, v in extra.items()}}
 
     def _weights(self) -> dict[str, torch.Tensor]:
         return {n: get_module(self.editor.model, n).weight.detach().clone() for n in _names(self.editor.hparams)}
@@ -178,6 +172,12 @@ class EditStream:
             "kind": CHECKPOINT_KIND, "fingerprints": self.fingerprints, "done": self.done,
             "num_edits": editor.num_edits, "context_templates": editor.context_templates,
             "threads": torch.get_num_threads(), "progress": self.progress})
+
+
+def _fingerprints(model, hparams, requests, extra: dict) -> dict[str, str]:
+    """What a resume must match: the requests, hyper-parameters, the model before the stream and `extra`."""
+    return {"requests": fingerprint_of(list(requests)), "hparams": fingerprint_of(hparams.to_dict()),
+            "model": model_fingerprint(model, _names(hparams)), **{k: fingerprint_of(v) for k, v in extra.items()}}
 
 
 def _names(hparams) -> list[str]:
