@@ -113,7 +113,6 @@ def sample_corpus(model, tok, path: str | Path, n_tokens: int, seed: int = 0, le
     if start is None:
         raise InvalidRequestError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
     device = model.get_input_embeddings().weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
     ends = (tok.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     banned = torch.tensor(sorted({t for end in ends for t in (end if isinstance(end, list) else [end])
                                   if t is not None}), dtype=torch.long)
@@ -122,11 +121,17 @@ def sample_corpus(model, tok, path: str | Path, n_tokens: int, seed: int = 0, le
         """Draws each row's next token (`top_p_sample`, no end of text before `length` tokens) and
         leaves only it: `generate` runs greedy and keeps the model's own cache handling."""
 
+        def __init__(self):
+            self.generator = None  # made on the device of the logits (the last one under a device map)
+
         def __call__(self, input_ids, scores):
+            if self.generator is None:
+                self.generator = torch.Generator(device=scores.device).manual_seed(seed)
             scores = scores.float().index_fill(1, banned.to(scores.device), float("-inf"))
-            chosen = top_p_sample(scores, 0.95, generator)
+            chosen = top_p_sample(scores, 0.95, self.generator)
             return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
 
+    sampler = LogitsProcessorList([Sample()])  # one stream of draws over every batch
     lines, total = [], 0
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="sampling text", disable=not progress)
     try:
@@ -134,7 +139,7 @@ def sample_corpus(model, tok, path: str | Path, n_tokens: int, seed: int = 0, le
             ids = torch.full((batch_size, 1), start, dtype=torch.long, device=device)
             with torch.no_grad():
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     logits_processor=LogitsProcessorList([Sample()]), max_new_tokens=length,
+                                     logits_processor=sampler, max_new_tokens=length,
                                      min_new_tokens=length, pad_token_id=start)
             for row in out[:, 1:]:
                 text = " ".join(tok.decode(row, skip_special_tokens=True).split())
