@@ -10,6 +10,7 @@ import torch
 from alphaedit_fast import AlphaEditor
 from alphaedit_fast.errors import InvalidRequestError, RequestFileError
 from alphaedit_fast.evaluation import (
+    RATES,
     cases_from_lists,
     evaluate_edits,
     generation_entropy,
@@ -288,11 +289,14 @@ def test_sequential_evaluation_edits_and_writes_the_original_case_layout(tmp_pat
     assert metrics["fluency"]["before"] == fluency_before
     assert metrics["fluency"]["after"] == generation_entropy(model, tok, prompts, max_length=20)
     assert "20 tokens" in metrics["fluency"]["definition"]
-    assert editor.num_edits == 4 and len(lines) == 2
+    assert editor.num_edits == 4 and len(lines) == 3 and lines[1].startswith("after 2 edits: efficacy")
     assert metrics["before"]["rates"]["efficacy"] < metrics["rates"]["efficacy"]
     assert [p["n_edits"] for p in metrics["curve"]] == [0, 2, 4]
-    assert metrics["curve"][0] == {"n_edits": 0, **metrics["before"]["rates"]}
-    assert metrics["curve"][-1] == {"n_edits": 4, **metrics["rates"]}
+    assert metrics["curve"][0]["nll_rates"] == metrics["before"]["nll_rates"]
+    assert metrics["curve"][-1]["accuracy"] == metrics["accuracy"]
+    assert {k: metrics["curve"][0][k] for k in ("n_edits", *RATES)} == {"n_edits": 0, **metrics["before"]["rates"]}
+    assert {k: metrics["curve"][-1][k] for k in ("n_edits", *RATES)} == {"n_edits": 4, **metrics["rates"]}
+    assert metrics["retention"]["still_held"] <= metrics["retention"]["first_batch_successes"]
     assert {"z", "keys", "solve", "cache update", "evaluate", "evaluate before"} <= set(metrics["seconds"])
     assert set(metrics["peak_memory_bytes"]) >= {"z", "evaluate"}
     assert records[0]["case_id"] == 10 and records[0]["num_edits"] == 2
