@@ -214,7 +214,7 @@ def run_edit_command(args) -> None:
         if state:
             editor = AlphaEditor.from_state(model, tok, hparams, state, progress=True)
         else:
-            projector = (load_projector(args.projector, model, allow_foreign_projector=args.allow_foreign_projector)
+            projector = (load_projector(args.projector, model, allow_foreign=args.allow_foreign_projector)
                          if args.projector else None)
             editor = AlphaEditor(model, tok, hparams, projector=projector, progress=True,
                                  allow_foreign_projector=args.allow_foreign_projector)
