@@ -462,17 +462,23 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
         log(f"after {n_edits} edits: " + ", ".join(f"{k} {_brief(v)}" for k, v in state["probes"][-1].items()
                                                    if k != "n_edits"))
 
-    if "pre" not in state and (before or curve):  # the curve starts at 0 edits: every case on the unedited model
-        with phases("evaluate before"):
-            state["pre"] = score_cases(model, tok, cases, schema, batch_tokens)
-            if fluency and before:
-                state["entropy"]["before"] = generation_entropy(model, tok, rewrite_prompts, generation_length)
-            if curve:
-                state["points"].append(point(0, state["pre"]))
-        if probe is not None:
-            run_probe(0)
+    def measured() -> None:  # each measurement of the unedited model is kept as soon as it is done
         if stream:
             stream.save(0, state)
+
+    with phases("evaluate before"):  # the curve starts at 0 edits: every case on the unedited model
+        if "pre" not in state and (before or curve):
+            state["pre"] = score_cases(model, tok, cases, schema, batch_tokens)
+            measured()
+        if fluency and before and "before" not in state["entropy"]:
+            state["entropy"]["before"] = generation_entropy(model, tok, rewrite_prompts, generation_length)
+            measured()
+        if curve and not state["points"]:
+            state["points"].append(point(0, state["pre"]))
+            measured()
+    if probe is not None and not state["probes"]:
+        run_probe(0)
+        measured()
     with edit_progress(n, stream.done if stream else 0) as bar:
         for start, stop in (stream.batches(batch_size) if stream else
                             ((i, min(i + batch_size, n)) for i in range(0, n, batch_size))):

@@ -177,3 +177,26 @@ def test_eval_cli_killed_and_resumed(tmp_path):
             metrics.pop(key)
     assert parted == whole
     assert [p["n_edits"] for p in whole["probes"]] == [0, 4, 6] and whole["probes"][0]["perplexity"] > 1
+
+
+def test_unedited_measurements_are_kept_one_by_one(tmp_path):
+    """Interrupted while measuring the unedited model (in the first probe): the resumed run keeps
+    the scores and fluency already measured and ends with the uninterrupted run's metrics."""
+    _, cases = load_cases(write_records(tmp_path, counterfact_records(4), "cf.json"))
+    whole, _ = run(editor_for(), cases)
+
+    def dying_probe(model, tok):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_edits(editor_for(), cases, "counterfact", 2, curve=True, curve_every=4, fluency=True,
+                       fluency_records=2, generation_length=12, probe=dying_probe, probe_every=4,
+                       checkpoints=tmp_path / "stream", log=lambda _: None)
+    from alphaedit_fast.storage import load_tensors
+    from alphaedit_fast.stream import CHECKPOINT, CHECKPOINT_KIND
+
+    progress = load_tensors(tmp_path / "stream" / CHECKPOINT, CHECKPOINT_KIND)[1]["progress"]
+    assert {"pre", "points"} <= set(progress) and "before" in progress["entropy"] and not progress["probes"]
+    resumed, _ = run(editor_for(), cases, tmp_path / "stream", resume=True)
+    drop = ("seconds", "seconds_per_edit", "peak_memory_bytes")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
