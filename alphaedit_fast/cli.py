@@ -190,15 +190,17 @@ def run_edit_command(args) -> None:
                                   + ("is gone: the stream finished" if (out / "config.json").exists() else
                                      "does not exist") + "); run without --resume to start one")
     state = args.state
-    if state is None and not args.fresh and not args.resume and (Path(args.model) / STATE_FILE).is_file():
+    if state is None and not args.fresh and (Path(args.model) / STATE_FILE).is_file():
         state = Path(args.model) / STATE_FILE
         print(f"continuing from {state} (--fresh starts a new editor state instead)")
     if state and args.projector:
         raise InvalidArgumentError(f"the editor state {state} holds its projector: drop --projector, "
                              "or pass --fresh to start a new state with it")
-    if args.resume and (args.projector or args.state):
-        raise InvalidArgumentError("--resume continues with the stream's own projector and state: drop --projector "
-                                   "and --state")
+    from .storage import file_fingerprint
+
+    # a resumed stream continues with its own projector and state: the command must name the same ones
+    starting_point = {name: file_fingerprint(path) if path and Path(path).exists() else path
+                      for name, path in (("projector", args.projector), ("state", state))}
     hparams = _load_hparams(args.hparams)  # the files first: loading a large model takes minutes
     requests = load_requests(args.requests)
     size = args.batch_size or len(requests)
@@ -207,7 +209,7 @@ def run_edit_command(args) -> None:
     save_dtype = DTYPES[args.save_dtype] if args.save_dtype != "auto" else checkpoint_dtype(source) or model.dtype
     if args.resume:
         stream = EditStream.resume(checkpoints, model, tok, hparams, requests, {"progress": True},
-                                   batch_size=size)
+                                   batch_size=size, **starting_point)
         editor = stream.editor
         print(f"resuming after {stream.done} of {len(requests)} edits ({stream.editor.num_edits} in the editor)")
     else:
@@ -218,7 +220,7 @@ def run_edit_command(args) -> None:
                          if args.projector else None)
             editor = AlphaEditor(model, tok, hparams, projector=projector, progress=True,
                                  allow_foreign_projector=args.allow_foreign_projector)
-        stream = EditStream.start(checkpoints, editor, requests, batch_size=size)
+        stream = EditStream.start(checkpoints, editor, requests, batch_size=size, **starting_point)
     start = time.perf_counter()
     with edit_progress(len(requests), stream.done) as bar:
         for first, stop in stream.batches(size):
