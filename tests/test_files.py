@@ -291,3 +291,29 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, messag
     assert main(["--debug", *argv]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and message.format(tmp=tmp_path) in err
+
+
+def test_edit_resume_needs_the_starting_projector(files, tmp_path, monkeypatch, capsys):
+    """An interrupted `edit --projector A` resumes with A; with another projector it is refused."""
+    from alphaedit_fast.stream import EditStream
+
+    files["model"].save_pretrained(tmp_path / "model")
+    files["tok"].save_pretrained(tmp_path / "model")
+    (tmp_path / "hparams.json").write_text(json.dumps(files["hparams"].to_dict()))
+    (tmp_path / "r.json").write_text(json.dumps([GOOD, {**GOOD, "subject": "Danielle Darrieux"}]))
+    stats = KeyStatistics.load(files["stats"], model=files["model"])
+    other = save_projector(tmp_path / "other.safetensors", {l: nullspace_basis(stats.covariance(l), rank=90)
+                                                            for l in (1, 2)}, stats, {"rule": {"rank": 90}})
+
+    def edit(projector, *extra):
+        return main(["edit", "--model", str(tmp_path / "model"), "--requests", str(tmp_path / "r.json"), "--hparams",
+                     str(tmp_path / "hparams.json"), "--projector", str(projector), "--batch-size", "1",
+                     "--out", str(tmp_path / "out"), *extra])
+
+    save = EditStream.save
+    with monkeypatch.context() as patch:  # interrupted after the first batch's checkpoint
+        patch.setattr(EditStream, "save", lambda self, done=None, progress=None: (
+            save(self, done, progress), done == 1 and (_ for _ in ()).throw(KeyboardInterrupt))[0])
+        assert edit(files["projector"]) == 130
+    assert edit(other, "--resume") == 2 and "different projector" in capsys.readouterr().err
+    assert edit(files["projector"], "--resume") == 0 and (tmp_path / "out" / "config.json").exists()
