@@ -148,9 +148,9 @@ def test_eval_cli_killed_and_resumed(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(
         "import os, signal, sys, torch\ntorch.set_num_threads(1)\nfrom alphaedit_fast import stream\n"
-        "save, calls = stream.EditStream.save, []\n"
-        "def killing_save(self, *a, **k):\n    out = save(self, *a, **k)\n    calls.append(1)\n"
-        "    if os.environ.get('KILL') and len(calls) == 4:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "save = stream.EditStream.save\n"
+        "def killing_save(self, *a, **k):\n    out = save(self, *a, **k)\n"
+        "    if os.environ.get('KILL') and self.done == 4:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return out\nstream.EditStream.save = killing_save\n"
         "from alphaedit_fast.cli import main\nsys.exit(main(sys.argv[1:]))\n")
 
