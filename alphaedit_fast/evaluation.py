@@ -409,7 +409,7 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
     Returns (metrics, per-case records `{"case_id", "requested_rewrite", "num_edits", "post",
     ["pre"]}`); metrics holds rates, margins, accuracies, seconds and peak memory per phase.
     """
-    from .stream import EditStream, bases_fingerprint
+    from .stream import EditStream, bases_fingerprint, weight_changes
     from .timing import Phases, edit_progress
 
     n = len(cases)
@@ -438,8 +438,7 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
                                                for name in names}
 
     def weight_change() -> dict[str, float]:
-        return {name: float((model.get_submodule(name).weight.detach().float() - w.float()).norm())
-                for name, w in unedited.items()}
+        return weight_changes(model, unedited)
 
     state = dict(stream.progress) if stream and stream.progress else {
         "seconds": {}, "peak": {}, "entropy": {}, "points": [], "probes": [], "first_batch": None}
@@ -487,12 +486,15 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
             bar.update(stop - start)
             log(f"edits {start + 1}-{stop} of {n}: " + ", ".join(
                 f"{k} {v:.1f}s" for k, v in seconds.items() if not k.startswith("evaluate")))
-            if curve and state["first_batch"] is None:
+            at_point = curve and stop < n and stop % curve_every == 0
+            if at_point or (curve and state["first_batch"] is None):  # one scoring serves both
                 with phases("evaluate curve"):
-                    state["first_batch"] = rewrite_success(score_cases(model, tok, cases[:stop], schema, batch_tokens))
-            if curve and stop < n and stop % curve_every == 0:
-                with phases("evaluate curve"):
-                    state["points"].append(point(stop, score_cases(model, tok, cases[:stop], schema, batch_tokens)))
+                    results = score_cases(model, tok, cases[:stop], schema, batch_tokens)
+                    if state["first_batch"] is None:
+                        state["first_batch"] = rewrite_success(results)
+                    if at_point:
+                        state["points"].append(point(stop, results))
+            if at_point:
                 log(f"after {stop} edits: " + ", ".join(f"{k} {_brief(v)}" for k, v in state["points"][-1].items()
                                                         if k in (*RATES, "fluency")))
             if probe is not None and stop < n and stop % (probe_every or batch_size) == 0:

@@ -156,8 +156,7 @@ class EditStream:
 
     def weight_change(self) -> dict[str, float]:
         """||W - W_0||_F of each edited weight since the stream started."""
-        return {n: float((get_module(self.editor.model, n).weight.detach().float() - w.float()).norm())
-                for n, w in self.unedited.items()}
+        return weight_changes(self.editor.model, self.unedited)
 
     def save(self, done: int | None = None, progress: dict | None = None) -> Path:
         """Replace the checkpoint (atomically) with the model and editor now, `done` requests edited."""
@@ -172,6 +171,11 @@ class EditStream:
             "kind": CHECKPOINT_KIND, "fingerprints": self.fingerprints, "done": self.done,
             "num_edits": editor.num_edits, "context_templates": editor.context_templates,
             "threads": torch.get_num_threads(), "progress": self.progress})
+
+
+def weight_changes(model, unedited: dict[str, torch.Tensor]) -> dict[str, float]:
+    """||W - W_0||_F of each named weight against `unedited` {module name: W_0}."""
+    return {n: float((get_module(model, n).weight.detach().float() - w.float()).norm()) for n, w in unedited.items()}
 
 
 def _fingerprints(model, hparams, requests, extra: dict) -> dict[str, str]:

@@ -54,12 +54,6 @@ def summary(results: list[dict], entropies: list[float]) -> dict:
             "fluency": sum(entropies) / len(entropies) if entropies else None}
 
 
-def rewrite_success(results) -> list[bool]:
-    """Per case: NLL(new) < NLL(true) at the rewrite prompt."""
-    return [r["rewrite_prompts_probs"][0]["target_new"] < r["rewrite_prompts_probs"][0]["target_true"]
-            for r in results]
-
-
 def plot(study: dict, path: Path) -> Path:
     import matplotlib
 
@@ -121,7 +115,7 @@ def main(argv=None) -> int:
 
     from alphaedit_fast import AlphaEditHyperParams, AlphaEditor
     from alphaedit_fast.arch import get_module
-    from alphaedit_fast.evaluation import edit_request, load_cases, versions
+    from alphaedit_fast.evaluation import edit_request, load_cases, rewrite_success, versions
     from alphaedit_fast.loading import load_model, resolve_model_name
     from alphaedit_fast.projector import nullspace_basis
     from alphaedit_fast.stats import cached_statistics
