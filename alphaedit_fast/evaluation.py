@@ -343,35 +343,38 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
     return sum(entropies) / len(entropies)
 
 
-def generation_entropy(model, tok, prompts: Sequence[str], max_length: int = 100, batch_size: int = 16) -> float:
+def generation_entropy(model, tok, prompts: Sequence[str], max_length: int = 100, batch_size: int = 64) -> float:
     """Mean `ngram_entropy` of greedy generations from `prompts` (`generation_entropies`)."""
     return _mean(generation_entropies(model, tok, prompts, max_length, batch_size))
 
 
-def generation_entropies(model, tok, prompts: Sequence[str], max_length: int = 100, batch_size: int = 16
+def generation_entropies(model, tok, prompts: Sequence[str], max_length: int = 100, batch_size: int = 64
                          ) -> list[float]:
     """Per prompt, `ngram_entropy` of its greedy generation (`greedy_generations`)."""
     return [ngram_entropy(text) for text in greedy_generations(model, tok, prompts, max_length, batch_size)]
 
 
 @torch.no_grad()
-def greedy_generations(model, tok, prompts: Sequence[str], max_length: int = 100, batch_size: int = 16
+def greedy_generations(model, tok, prompts: Sequence[str], max_length: int = 100, batch_size: int = 64
                        ) -> list[str]:
     """Per prompt, its greedy generation, prompt included (`max_length` tokens at most, as the
-    original's `max_out_len`), run in left-padded batches."""
+    original's `max_out_len`), run in left-padded batches of prompts of similar length."""
     device = model.get_input_embeddings().weight.device
     pad = pad_token_id(tok)
     ids = tok(list(prompts))["input_ids"]
-    texts = []
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding, few steps past max_length
+    texts: list[str] = [""] * len(ids)
     for start in range(0, len(ids), batch_size):
-        rows = ids[start:start + batch_size]
+        batch = order[start:start + batch_size]
+        rows = [ids[i] for i in batch]
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
                              max_new_tokens=max(1, max_length - min(len(r) for r in rows)), pad_token_id=pad)
-        texts += [tok.decode(row[width - len(r):width - len(r) + max(max_length, len(r) + 1)], skip_special_tokens=True)
-                  for row, r in zip(out.tolist(), rows)]
+        for i, row, r in zip(batch, out.tolist(), rows):
+            texts[i] = tok.decode(row[width - len(r):width - len(r) + max(max_length, len(r) + 1)],
+                                  skip_special_tokens=True)
     return texts
 
 

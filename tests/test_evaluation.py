@@ -14,6 +14,7 @@ from alphaedit_fast.evaluation import (
     cases_from_lists,
     evaluate_edits,
     generation_entropy,
+    greedy_generations,
     load_cases,
     ngram_entropy,
     plot_curve,
@@ -238,9 +239,11 @@ def test_batched_generations_are_each_prompts_own(shipped):
         ids = torch.tensor([tok(prompt)["input_ids"]])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=24 - ids.shape[1], pad_token_id=tok.eos_token_id)
-        alone.append(ngram_entropy(tok.decode(out[0], skip_special_tokens=True)))
+        alone.append(tok.decode(out[0], skip_special_tokens=True))
+    assert len({len(tok(p)["input_ids"]) for p in prompts}) > 1  # batches are grouped by length, answers in order
+    assert greedy_generations(model, tok, prompts, max_length=24, batch_size=4) == alone
     assert math.isclose(generation_entropy(model, tok, prompts, max_length=24, batch_size=4),
-                        sum(alone) / len(alone), rel_tol=1e-12)
+                        sum(map(ngram_entropy, alone)) / len(alone), rel_tol=1e-12)
 
 
 def test_readers_map_each_schema_to_the_original_layout(tmp_path):
