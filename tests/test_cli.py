@@ -95,8 +95,9 @@ def test_bad_input_is_still_exit_2(capsys):
 
 def test_real_model_demo_runs_on_any_model_directory_and_caches_its_statistics(tmp_path, monkeypatch, capsys):
     """The real-model demo's code path, on a tiny Llama saved as a directory (a real checkpoint
-    takes minutes): sampled statistics are cached, the edits raise every new object."""
-    from alphaedit_fast.demo import REAL_FACTS, run_real_demo
+    takes minutes): statistics over the Python documentation (or text sampled from the model) are
+    cached, the edits raise every new object."""
+    from alphaedit_fast.demo import REAL_FACTS, SAMPLED, python_docs_text, run_real_demo
     from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -110,7 +111,8 @@ def test_real_model_demo_runs_on_any_model_directory_and_caches_its_statistics(t
                "lm_head_module": "lm_head", "nullspace_threshold": 1.0}  # about half of the 160 directions
     rows = run_real_demo(str(tmp_path / "model"), stats_tokens=600, hparams=hparams)
     out = capsys.readouterr().out
-    assert "sampling 600 tokens of text from the model itself" in out
+    assert "key statistics over 600 tokens of the Python documentation" in out
+    assert (tmp_path / "cache" / "alphaedit_fast" / "demo-stats" / "python-docs.txt").read_text() == python_docs_text()
     assert len(rows) == len(REAL_FACTS) and out.count("  before: ") == len(REAL_FACTS)
     # the tiny tokenizer splits most of the new objects into 5-7 tokens, which a random 4-layer model
     # does not learn in 20 steps; together they rise, and the two-token one (French) to > 0.1
@@ -120,6 +122,9 @@ def test_real_model_demo_runs_on_any_model_directory_and_caches_its_statistics(t
     assert len(cached) == 1
     run_real_demo(str(tmp_path / "model"), stats_tokens=600, hparams=hparams)
     assert f"key statistics: cached {cached[0]}" in capsys.readouterr().out
+    run_real_demo(str(tmp_path / "model"), corpus=SAMPLED, stats_tokens=200, hparams=hparams)
+    assert "sampling 200 tokens of text from the model itself" in capsys.readouterr().out
+    assert len(list(cached[0].parent.glob("sampled-*.txt"))) == 1
 
 
 def test_sample_corpus_is_seeded_and_leaves_the_global_generator_alone(tmp_path):
