@@ -11,6 +11,7 @@ scores) go to --work; study.json, study.png and each method's metrics.json go to
   python benchmarks/stream_study.py --model smollm2-135m --records 2000:2000 --batch-size 100 \\
       --every 500 --out benchmarks/results/study-smollm2-135m-2000 --work /tmp/study-2000
   python benchmarks/stream_study.py ... --report      # the curves so far, read from the checkpoints
+  python benchmarks/stream_study.py ... --check-resume 100 --snapshots DIR   # kill + resume gives the same bits
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -59,18 +62,75 @@ def run(cli_args: list[str]) -> None:
     subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def eval_arguments(args, files: dict[str, Path], method: str, out: Path) -> list[str]:
+    """The `alphaedit-fast eval` arguments of `method`'s stream, its outputs in `out`."""
+    projector = ["--stats", str(files["stats"])] if method == "alphaedit" else ["--projector", "identity"]
+    return ["eval", "--model", args.model, "--requests", str(files["requests"]), *projector,
+            "--batch-size", str(args.batch_size), "--curve", "--curve-every", str(args.every),
+            "--fluency-records", str(args.fluency_records), "--general", args.general, "--general-data",
+            args.general_data, "--general-every", str(args.every), "--perplexity", str(files["heldout"]),
+            "--threads", str(args.threads), *(["--device", args.device] if args.device else []), "--out", str(out),
+            *(["--resume"] if (out / "stream" / "stream-checkpoint.safetensors").exists() else [])]
+
+
 def eval_method(args, files: dict[str, Path], method: str, work: Path) -> Path:
     out = work / method
-    if (out / "metrics.json").exists():
-        return out
-    projector = ["--stats", str(files["stats"])] if method == "alphaedit" else ["--projector", "identity"]
-    run(["eval", "--model", args.model, "--requests", str(files["requests"]), *projector,
-         "--batch-size", str(args.batch_size), "--curve", "--curve-every", str(args.every),
-         "--fluency-records", str(args.fluency_records), "--general", args.general, "--general-data",
-         args.general_data, "--general-every", str(args.every), "--perplexity", str(files["heldout"]),
-         "--threads", str(args.threads), *(["--device", args.device] if args.device else []), "--out", str(out),
-         *(["--resume"] if (out / "stream" / "stream-checkpoint.safetensors").exists() else [])])
+    if not (out / "metrics.json").exists():
+        run(eval_arguments(args, files, method, out))
     return out
+
+
+def check_resume(args, files: dict[str, Path], method: str, work: Path, done: int) -> dict:
+    """Kill and resume, on the real stream: copies of `method`'s checkpoints (`--snapshots`, kept
+    while the study ran uninterrupted) after `done` and after `done + batch size` edits; `eval
+    --resume` from the first in a fresh process, killed (SIGKILL) once it has checkpointed the next
+    batch. Its checkpoint's tensors and record of done work are compared with the uninterrupted
+    stream's."""
+    import shutil
+    import signal
+    import time
+
+    from alphaedit_fast.storage import load_tensors
+    from alphaedit_fast.stream import CHECKPOINT, CHECKPOINT_KIND, PROJECTOR
+
+    snapshots = {}
+    for path in sorted(Path(args.snapshots).glob(f"{method}-*.safetensors")):
+        snapshots.setdefault(load_tensors(path, CHECKPOINT_KIND)[1]["done"], path)
+    after = done + args.batch_size
+    if done not in snapshots or after not in snapshots:
+        raise SystemExit(f"no snapshots of {method} after {done} and {after} edits in {args.snapshots} "
+                         f"(there are {sorted(snapshots)})")
+    out = work / "resume-check" / method
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "stream").mkdir(parents=True)
+    shutil.copy(work / method / "stream" / PROJECTOR, out / "stream" / PROJECTOR)
+    shutil.copy(snapshots[done], out / "stream" / CHECKPOINT)
+    command = [sys.executable, "-m", "alphaedit_fast.cli", *eval_arguments(args, files, method, out)]
+    print("$ " + " ".join(command[2:]), flush=True)
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    checkpoint = out / "stream" / CHECKPOINT
+    while load_tensors(checkpoint, CHECKPOINT_KIND)[1]["done"] < after:
+        if process.poll() is not None:
+            raise SystemExit(f"the resumed stream ended (exit {process.returncode}) before {after} edits")
+        time.sleep(5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed, resumed_meta = load_tensors(checkpoint, CHECKPOINT_KIND)
+    straight, straight_meta = load_tensors(snapshots[after], CHECKPOINT_KIND)
+    differ = sorted(name for name in straight if not torch.equal(straight[name], resumed.get(name)))
+    differ += sorted(set(resumed) - set(straight))
+
+    def work_done(meta):  # everything measured, less the wall-clock seconds and peak memory
+        progress = {k: v for k, v in meta["progress"].items() if k not in ("seconds", "peak")}
+        return {"done": meta["done"], "progress": progress, "fingerprints": meta["fingerprints"]}
+
+    result = {"method": method, "resumed_after": done, "compared_after": after, "tensors": len(straight),
+              "tensors_differing": differ, "records_equal": work_done(resumed_meta) == work_done(straight_meta),
+              "seconds": round(time.perf_counter() - start, 1), "threads": args.threads}
+    result["identical"] = not differ and result["records_equal"]
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def partial_metrics(work: Path, method: str) -> dict | None:
@@ -156,10 +216,18 @@ def main(argv=None) -> int:
     parser.add_argument("--work", required=True, help="work directory (checkpoints, statistics, per-case scores)")
     parser.add_argument("--out", required=True, help="directory for study.json, study.png, METHOD-metrics.json")
     parser.add_argument("--report", action="store_true", help="only collect what is done so far and plot it")
+    parser.add_argument("--check-resume", type=int, metavar="DONE", help="resume each method's stream from its "
+                        "snapshot after DONE edits, kill it after the next batch and compare (check_resume)")
+    parser.add_argument("--snapshots", help="directory of checkpoint copies METHOD-*.safetensors (--check-resume)")
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")
+    if args.check_resume is not None:
+        files = prepare(args, work)
+        checks = [check_resume(args, files, method, work, args.check_resume) for method in methods]
+        (out / "resume-check.json").write_text(json.dumps(checks, indent=1))
+        return 0 if all(c["identical"] for c in checks) else 1
     if not args.report:
         files = prepare(args, work)
         for method in methods:
