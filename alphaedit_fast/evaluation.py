@@ -470,15 +470,18 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
 
     with phases("evaluate before"):  # the curve starts at 0 edits: every case on the unedited model
         if "pre" not in state and (before or curve):
+            log(f"unedited model: scoring {n} cases")
             state["pre"] = score_cases(model, tok, cases, schema, batch_tokens)
             measured()
         if fluency and before and "before" not in state["entropy"]:
+            log(f"unedited model: fluency of {n} greedy generations")
             state["entropy"]["before"] = generation_entropy(model, tok, rewrite_prompts, generation_length)
             measured()
         if curve and not state["points"]:
             state["points"].append(point(0, state["pre"]))
             measured()
     if probe is not None and not state["probes"]:
+        log("unedited model: general capability and perplexity")
         run_probe(0)
         measured()
     with edit_progress(n, stream.done if stream else 0) as bar:
@@ -505,6 +508,7 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
             if stream:
                 stream.save(stop, state)
     with phases("evaluate"):
+        log(f"after {n} edits: scoring {n} cases" + (f" and fluency of {n} greedy generations" if fluency else ""))
         post = score_cases(model, tok, cases, schema, batch_tokens)
         if fluency:
             state["entropy"]["after"] = generation_entropy(model, tok, rewrite_prompts, generation_length)

@@ -292,7 +292,10 @@ def test_sequential_evaluation_edits_and_writes_the_original_case_layout(tmp_pat
     assert metrics["fluency"]["before"] == fluency_before
     assert metrics["fluency"]["after"] == generation_entropy(model, tok, prompts, max_length=20)
     assert "20 tokens" in metrics["fluency"]["definition"]
-    assert editor.num_edits == 4 and len(lines) == 3 and lines[1].startswith("after 2 edits: efficacy")
+    assert editor.num_edits == 4 and lines == [
+        "unedited model: scoring 4 cases", "unedited model: fluency of 4 greedy generations", lines[2],
+        lines[3], lines[4], "after 4 edits: scoring 4 cases and fluency of 4 greedy generations"]
+    assert lines[2].startswith("edits 1-2 of 4: z") and lines[3].startswith("after 2 edits: efficacy")
     assert metrics["before"]["rates"]["efficacy"] < metrics["rates"]["efficacy"]
     assert [p["n_edits"] for p in metrics["curve"]] == [0, 2, 4]
     assert metrics["curve"][0]["nll_rates"] == metrics["before"]["nll_rates"]
