@@ -80,6 +80,33 @@ def eval_method(args, files: dict[str, Path], method: str, work: Path) -> Path:
     return out
 
 
+def share_unedited(work: Path, source: str, target: str) -> bool:
+    """Give `target`'s stream, stopped before its first edit, the unedited model's measurements that
+    `source`'s stream made (scores, fluency, the 0-edit point, the first probe): the same computation
+    on the same model, records and threads, so it is done once. Refused unless both streams have the
+    same requests, model, hparams and settings (all but the projector) and the same unedited scores;
+    False when `source` has not finished them yet."""
+    from alphaedit_fast.storage import load_tensors, save_tensors
+    from alphaedit_fast.stream import CHECKPOINT, CHECKPOINT_KIND
+
+    path = work / target / "stream" / CHECKPOINT
+    _, given = load_tensors(work / source / "stream" / CHECKPOINT, CHECKPOINT_KIND)
+    tensors, meta = load_tensors(path, CHECKPOINT_KIND)
+    ours, theirs = meta["progress"], given["progress"]
+    if not (theirs.get("points") and theirs.get("probes")) or meta["done"] or ours.get("points"):
+        return False
+    differ = [k for k in {*meta["fingerprints"], *given["fingerprints"]} - {"projector"}
+              if meta["fingerprints"].get(k) != given["fingerprints"].get(k)]
+    if differ or meta["threads"] != given["threads"] or ("pre" in ours and ours["pre"] != theirs["pre"]):
+        raise SystemExit(f"{source} and {target} measure different unedited models or settings ({differ})")
+    ours.update(pre=theirs["pre"], points=theirs["points"][:1], probes=theirs["probes"][:1],
+                entropy={"before": theirs["entropy"]["before"]} if "before" in theirs["entropy"] else {},
+                shared_unedited_from=source)
+    save_tensors(path, tensors, meta)
+    print(f"{target}: the unedited measurements of {source}'s stream", flush=True)
+    return True
+
+
 def check_resume(args, files: dict[str, Path], method: str, work: Path, done: int) -> dict:
     """Kill and resume, on the real stream: copies of `method`'s checkpoints (`--snapshots`, kept
     while the study ran uninterrupted) after `done` and after `done + batch size` edits; `eval
@@ -218,6 +245,8 @@ def main(argv=None) -> int:
     parser.add_argument("--report", action="store_true", help="only collect what is done so far and plot it")
     parser.add_argument("--check-resume", type=int, metavar="DONE", help="resume each method's stream from its "
                         "snapshot after DONE edits, kill it after the next batch and compare (check_resume)")
+    parser.add_argument("--share-unedited", metavar="SOURCE:TARGET", help="give TARGET's stopped stream the "
+                        "unedited measurements SOURCE's stream made (share_unedited) and exit")
     parser.add_argument("--snapshots", help="directory of checkpoint copies METHOD-*.safetensors (--check-resume)")
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
@@ -228,6 +257,9 @@ def main(argv=None) -> int:
         checks = [check_resume(args, files, method, work, args.check_resume) for method in methods]
         (out / "resume-check.json").write_text(json.dumps(checks, indent=1))
         return 0 if all(c["identical"] for c in checks) else 1
+    if args.share_unedited:
+        source, target = args.share_unedited.split(":")
+        return 0 if share_unedited(work, source, target) else 1
     if not args.report:
         files = prepare(args, work)
         for method in methods:
