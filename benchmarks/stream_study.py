@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stream_report
 SHARED = ROOT.parent / "shared" / "data"
 METHODS = {"alphaedit": "AlphaEdit", "identity": "P = I"}
 
@@ -273,9 +274,41 @@ def main(argv=None) -> int:
             study["runs"][method] = metrics
             if not metrics.get("partial"):
                 (out / f"{method}-metrics.json").write_text(json.dumps(metrics, indent=1))
+    findings(study, work, args)
     (out / "study.json").write_text(json.dumps(study, indent=1))
-    print(f"-> {out / 'study.json'}, {plot(study, out / 'study.png')}")
+    (out / "study.md").write_text(study["table"] + "".join(
+        f"\n{METHODS[m]}: " + "; ".join(f"{t['target']}: {t['value']:.3f} ({'met' if t['met'] else 'missed'})"
+                                      for t in f["targets"] if t["met"] is not None) + "\n"
+        for m, f in study["findings"].items() if "targets" in f))
+    print(f"-> {out / 'study.json'}, {out / 'study.md'}, {plot(study, out / 'study.png')}")
     return 0
+
+
+def findings(study: dict, work: Path, args) -> None:
+    """Add to `study` its table, each run's layer growth and, for finished runs, the targets, the
+    scores per batch at the end and the failing records (stream_report), and the paper's claim."""
+    import stream_report
+
+    study["table"] = stream_report.markdown(study) if study["runs"] else ""
+    study["findings"] = {}
+    for method, metrics in study["runs"].items():
+        found = study["findings"][method] = {"layer_growth": stream_report.layer_growth(metrics)}
+        cases = work / method / "cases.jsonl"
+        if not metrics.get("partial") and cases.exists():
+            found.update(targets=stream_report.targets(metrics, args.general_data),
+                         by_batch=stream_report.by_batch(cases, args.batch_size),
+                         failures=stream_report.failures(cases))
+    runs = study["runs"]
+    if all(m in runs and not runs[m].get("partial") for m in METHODS):
+        a, i = (runs[m] for m in METHODS)
+
+        def general(metrics):
+            return stream_report._mean(t["f1_new"] for t in metrics["probes"][-1]["general"].values())
+
+        study["alphaedit_ahead"] = {
+            "neighborhood": a["curve"][-1]["nll_rates"]["neighborhood"] > i["curve"][-1]["nll_rates"]["neighborhood"],
+            "general_mean_f1_new": general(a) > general(i),
+            "perplexity": a["probes"][-1]["perplexity"] < i["probes"][-1]["perplexity"]}
 
 
 if __name__ == "__main__":
