@@ -74,6 +74,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 POST_MLP_NORM_KEY = "post_mlp_norm"
+EARLY_STOP_TOP1_KEY = "early_stop_top1"
 
 
 @dataclass
@@ -258,6 +259,10 @@ class AlphaEditHyperParams:
         if self.extra.get(POST_MLP_NORM_KEY, "ignore") not in ("ignore", "map"):
             raise HyperParamsError(f"{POST_MLP_NORM_KEY} must be 'ignore' (the original's update) or 'map', "
                                    f"got {self.extra[POST_MLP_NORM_KEY]!r}")
+        hits = self.extra.get(EARLY_STOP_TOP1_KEY)
+        if hits is not None and (isinstance(hits, bool) or not isinstance(hits, int) or hits < 1):
+            raise HyperParamsError(f"{EARLY_STOP_TOP1_KEY} must be a positive int (stop a request's z optimisation "
+                                   f"at its N-th top-1 evaluation) or null (off), got {hits!r}")
 
     @property
     def maps_post_mlp_norm(self) -> bool:
@@ -266,6 +271,15 @@ class AlphaEditHyperParams:
         target is mapped through that norm (`solve.through_post_mlp_norm`). Default "ignore": the
         original's update, which treats the MLP output as added as it is."""
         return self.extra.get(POST_MLP_NORM_KEY, "ignore") == "map"
+
+    @property
+    def early_stop_top1(self) -> int | None:
+        """`"early_stop_top1": N` (a key the original's files do not have; ENCORE's most-probable
+        early stopping, MPES, with its prob_cutoff = -N): a request's z optimisation stops at the N-th
+        loss evaluation (counted, not necessarily in a row) at which its new target is the top-1
+        token at every target position of its rewriting prompts but the first (the bare prompt, as
+        ENCORE leaves out); its z is the one that evaluation saw. Default None: the original's loop."""
+        return self.extra.get(EARLY_STOP_TOP1_KEY)
 
     def _check_number(self, name: str, kind: type, minimum: float, strict: bool = False) -> None:
         value = getattr(self, name)

@@ -462,15 +462,26 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
     delta_at = batch.positions - split_at  # suffix coordinate of each row's lookup position
     groups = _row_groups(batch, split_at, cached, kv, layer, suffix_only, packed)
     del kv  # whole rows, every block: only the prefixes of the blocks after the z layer are kept
+    # early_stop_top1 (ENCORE's MPES) checks the target tokens of every rewriting prompt but the first
+    checked = batch.target_rows != batch.first_rows[batch.row_request[batch.target_rows]]
+    has_checked = torch.zeros(n, dtype=torch.bool, device=dev)
+    has_checked[batch.row_request[batch.target_rows[checked]]] = True
     fixed_nll = torch.zeros(n, device=dev)
+    fixed_misses = torch.zeros(n, dtype=torch.long, device=dev)  # checked fixed tokens that are not top-1
     if fixed_hidden is not None and fixed_hidden.shape[0]:
         fixed = ~live
+        fixed_requests = batch.row_request[batch.target_rows[fixed]]
         with torch.no_grad():
-            log_probs = target_log_probs(head(fixed_hidden), batch.target_ids[fixed]).to(dev)
+            fixed_logits = head(fixed_hidden)
+            log_probs = target_log_probs(fixed_logits, batch.target_ids[fixed]).to(dev)
+            missed = (fixed_logits.argmax(-1).to(dev) != batch.target_ids[fixed]) & checked[fixed]
         fixed_terms = -(log_probs * batch.target_weights[fixed])
-        fixed_nll.index_add_(0, batch.row_request[batch.target_rows[fixed]], fixed_terms)
+        fixed_nll.index_add_(0, fixed_requests, fixed_terms)
+        fixed_misses.index_add_(0, fixed_requests, missed.long())
     t_rows, t_ids, t_weights = batch.target_rows[live], batch.target_ids[live], batch.target_weights[live]
     t_at = batch.target_positions[live] - split_at[t_rows]
+    t_checked = checked[live]
+    top1_evaluations = torch.zeros(n, dtype=torch.long, device=dev)
 
     all_rows = torch.arange(len(batch.row_request), device=dev)
     delta = torch.zeros(n, h0.shape[-1], device=dev)
@@ -520,7 +531,13 @@ def _optimise(model, tok, requests, hparams: AlphaEditHyperParams, layer: int, c
             decay = hparams.v_weight_decay * (active_delta.norm(dim=-1) / h0_norm[active] ** 2)
             loss = nll + hparams.kl_factor * kl + decay
 
-            moving = ~((loss < EARLY_STOP_LOSS) | (step == hparams.v_num_grad_steps - 1))
+            stop = (loss < EARLY_STOP_LOSS) | (step == hparams.v_num_grad_steps - 1)
+            if hparams.early_stop_top1 is not None:
+                missed = (rewrite_logits.argmax(-1).to(dev) != t_ids[tokens]) & t_checked[tokens]
+                misses = fixed_misses[active].index_add(0, row_request[token_rows], missed.long())
+                top1_evaluations[active] += ((misses == 0) & has_checked[active]).long()
+                stop |= top1_evaluations[active] >= hparams.early_stop_top1
+            moving = ~stop
             done[active[~moving]] = True
             if bar is not None:  # one device-to-host read per step, only with a bar
                 mean_loss, still = torch.stack([loss.detach().mean(), moving.sum().float()]).tolist()

@@ -221,3 +221,71 @@ def test_z_progress_bar_shows_steps_and_loss_and_changes_nothing(capfd):
     assert "z 1/2" in err and "z 2/2" in err  # one bar per micro-batch of requests
     # tqdm redraws at most every 0.1 s, so only the final state of each bar is sure to be shown
     assert "4/4 steps" in err and "loss " in err and "active 0/2" in err and "active 0/1" in err
+
+
+# -- early_stop_top1 (ENCORE's most-probable early stopping) -----------------------------------
+def top1_hparams(model, hits):
+    """A learning rate at which the tiny models' targets become top-1 well before the last step."""
+    extra = {} if hits is None else {"early_stop_top1": hits}
+    return test_hparams(model, fact_token="last", v_lr=0.5, v_num_grad_steps=30, clamp_norm_factor=8.0, extra=extra)
+
+
+def test_early_stop_top1_matches_reference_and_stops(model_and_tok):
+    model, tok = model_and_tok
+    hparams = top1_hparams(model, 2)
+    fast = compute_zs(model, tok, MORE_REQUESTS, hparams, hparams.layers[-1], CONTEXT_TEMPLATES)
+    with reference_losses() as trajectories:
+        ref = reference_zs(model, tok, MORE_REQUESTS, hparams, CONTEXT_TEMPLATES)
+    assert_zs_match(fast, ref, model, hparams)
+    # requests stopped by the rule, not by the loss threshold or the step limit
+    stopped = [t for t in trajectories if len(t) < hparams.v_num_grad_steps and t[-1][0] >= 5e-2]
+    assert stopped, [len(t) for t in trajectories]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_early_stop_top1_stops_each_request_at_its_nth_top1_evaluation(family, monkeypatch):
+    """A request stops at its N-th evaluation with the new target top-1 on every checked prompt:
+    one more hit takes later evaluations (more steps), and a stopped request's rows run no more."""
+    import alphaedit_fast.values as values
+
+    model, tok = tiny_model(family), tiny_tokenizer_for(family)
+    lengths = {}
+    for hits in (1, 2, None):
+        with reference_losses() as trajectories:
+            reference_zs(model, tok, MORE_REQUESTS, top1_hparams(model, hits), CONTEXT_TEMPLATES)
+        lengths[hits] = [len(t) for t in trajectories]
+    assert all(a <= b <= c for a, b, c in zip(lengths[1], lengths[2], lengths[None]))
+    assert lengths[1] != lengths[None]
+    rows_run, run = [], values._run_blocks_after
+
+    def spy(*args, **kwargs):
+        if torch.is_grad_enabled():
+            rows_run.append(len(args[4]))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(values, "_run_blocks_after", spy)
+    hparams = top1_hparams(model, 1)
+    compute_zs(model, tok, MORE_REQUESTS, hparams, hparams.layers[-1], CONTEXT_TEMPLATES, batch_size=16)
+    rows_per_request = sum(len(group) for group in CONTEXT_TEMPLATES) + 1
+    # each request's rows run once per evaluation it made, as in the reference
+    assert sum(rows_run) == rows_per_request * sum(lengths[1])
+
+
+def test_early_stop_top1_off_is_the_original_loop(model_and_tok):
+    model, tok = model_and_tok
+    absent = top1_hparams(model, None)
+    assert "early_stop_top1" not in absent.to_dict()
+    none = top1_hparams(model, None)
+    none.extra["early_stop_top1"] = None
+    a = compute_zs(model, tok, MORE_REQUESTS, absent, absent.layers[-1], CONTEXT_TEMPLATES)
+    b = compute_zs(model, tok, MORE_REQUESTS, none, none.layers[-1], CONTEXT_TEMPLATES)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "2"])
+def test_early_stop_top1_must_be_a_positive_int(value):
+    from alphaedit_fast.errors import HyperParamsError
+
+    model = tiny_model("gpt2")
+    with pytest.raises(HyperParamsError, match="early_stop_top1 must be a positive int"):
+        test_hparams(model, extra={"early_stop_top1": value})

@@ -123,6 +123,7 @@ def compute_z_ref(model, tok, request, hparams: AlphaEditHyperParams, layer: int
 
     opt = torch.optim.Adam([delta], lr=hparams.v_lr)
     kl_init = None
+    top1_evaluations = 0  # early_stop_top1: evaluations with the new target top-1 at every checked position
     with frozen(model), hooks(model, {layer_name: add_delta}), hooks(model, {loss_layer_name: keep_loss_layer}):
         for step in range(hparams.v_num_grad_steps):
             opt.zero_grad()
@@ -141,7 +142,12 @@ def compute_z_ref(model, tok, request, hparams: AlphaEditHyperParams, layer: int
             loss = nll + kl + decay
             log.debug("step %d: loss %.4f = nll %.4f + kl %.4f + decay %.4f; target prob %.4f",
                       step, loss, nll, kl, decay, torch.exp(-nll_each).mean())
-            if loss < 5e-2 or step == hparams.v_num_grad_steps - 1:
+            stop_top1 = False
+            if hparams.early_stop_top1 is not None and n_rewrite > 1:  # all rewriting prompts but the bare first
+                checked = target_mask[1:].bool()
+                top1_evaluations += bool((log_probs[1:].argmax(-1) == targets[1:])[checked].all())
+                stop_top1 = top1_evaluations >= hparams.early_stop_top1
+            if loss < 5e-2 or step == hparams.v_num_grad_steps - 1 or stop_top1:
                 break
             loss.backward()
             opt.step()
