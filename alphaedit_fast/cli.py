@@ -207,6 +207,9 @@ def run_edit_command(args) -> None:
     source = resolve_model_name(args.model)  # once: a GGUF is hashed, a hub host resolved
     model, tok = load_model(source, args.dtype, args.device, args.device_map)
     save_dtype = DTYPES[args.save_dtype] if args.save_dtype != "auto" else checkpoint_dtype(source) or model.dtype
+    from .anchors import resolve_norm_anchor
+
+    hparams = resolve_norm_anchor(model, tok, hparams, requests, progress=True)
     if args.resume:
         stream = EditStream.resume(checkpoints, model, tok, hparams, requests, {"progress": True},
                                    batch_size=size, **starting_point)
@@ -259,7 +262,7 @@ def run_eval_requests(args) -> None:
     import shutil
 
     from .editor import AlphaEditor
-    from .evaluation import evaluate_edits, load_cases, versions, write_evaluation
+    from .evaluation import edit_request, evaluate_edits, load_cases, versions, write_evaluation
     from .stream import StreamMismatchError, has_checkpoint
 
     schema, cases = load_cases(args.requests, zsre_target=args.zsre_target)
@@ -291,6 +294,10 @@ def run_eval_requests(args) -> None:
         model, hparams=args.hparams, projector=args.projector, stats=args.stats,
         context_templates=args.context_templates, dtype=args.dtype, device=args.device, device_map=args.device_map,
         allow_foreign_projector=args.allow_foreign_projector, progress=True)
+    from .anchors import resolve_norm_anchor
+
+    editor.hparams = resolve_norm_anchor(editor.model, editor.tok, editor.hparams, [edit_request(c) for c in cases],
+                                         progress=True)
     metrics, records = evaluate_edits(
         editor, cases, schema, batch_size, before=not args.no_before, curve=args.curve, curve_every=args.curve_every,
         fluency=not args.no_fluency, fluency_records=args.fluency_records, generation_length=args.generation_length,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .anchors import anchor_values, check_norm_anchor, lookup_outputs
 from .arch import key_width, stores_keys_first
 from .errors import InvalidArgumentError, InvalidRequestError, ShapeError, require_finite
 from .hparams import AlphaEditHyperParams
@@ -88,6 +89,9 @@ def target_values(model, tok, requests, hparams, context_templates, cache: ZCach
             batch_size=z_batch_size, progress=progress, key_layer=hparams.layers[0])
         if keys is not None and len(todo) == len(requests):
             first = (keys, z_out)
+        if hparams.norm_anchor is not None:
+            h0, v0 = lookup_outputs(model, tok, [requests[i] for i in todo], hparams, context_templates)
+            computed = anchor_values(computed.to(h0.device), h0, v0, hparams.norm_anchor)
         for i, z in zip(todo, computed):
             zs[i] = z.cpu()
             if paths[i] is not None:
@@ -125,6 +129,12 @@ def check_edit(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, 
     hparams.validate()  # fields may have been set since construction (run_edit then checks the model)
     check_requests_for_model(model, tok, requests, context_templates)
     check_options(z_batch_size=z_batch_size)
+    if hparams.norm_anchor is not None:
+        if hparams.norm_anchor == "auto":
+            raise InvalidArgumentError("norm_anchor 'auto': compute the reference norm first, "
+                                       "anchors.reference_norm(model, tok, sample_requests, hparams), and put it "
+                                       "in the hyper-parameters (the CLI's edit and eval do this from --requests)")
+        check_norm_anchor(model, hparams)
     cache = z_cache_files(cache_template, hparams)
     for request in requests if cache is not None else []:
         cache.path_of(request)

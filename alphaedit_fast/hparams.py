@@ -75,6 +75,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 POST_MLP_NORM_KEY = "post_mlp_norm"
 EARLY_STOP_TOP1_KEY = "early_stop_top1"
+NORM_ANCHOR_KEY = "norm_anchor"
 
 
 @dataclass
@@ -259,6 +260,11 @@ class AlphaEditHyperParams:
         if self.extra.get(POST_MLP_NORM_KEY, "ignore") not in ("ignore", "map"):
             raise HyperParamsError(f"{POST_MLP_NORM_KEY} must be 'ignore' (the original's update) or 'map', "
                                    f"got {self.extra[POST_MLP_NORM_KEY]!r}")
+        anchor = self.extra.get(NORM_ANCHOR_KEY)
+        if anchor is not None and anchor != "auto" and (isinstance(anchor, bool) or not isinstance(
+                anchor, (int, float)) or not 0 < anchor < float("inf")):
+            raise HyperParamsError(f"{NORM_ANCHOR_KEY} must be a positive number (the reference norm of v*), 'auto' "
+                                   f"(computed from a sample of the requests) or null (off), got {anchor!r}")
         hits = self.extra.get(EARLY_STOP_TOP1_KEY)
         if hits is not None and (isinstance(hits, bool) or not isinstance(hits, int) or hits < 1):
             raise HyperParamsError(f"{EARLY_STOP_TOP1_KEY} must be a positive int (stop a request's z optimisation "
@@ -280,6 +286,14 @@ class AlphaEditHyperParams:
         token at every target position of its rewriting prompts but the first (the bare prompt, as
         ENCORE leaves out); its z is the one that evaluation saw. Default None: the original's loop."""
         return self.extra.get(EARLY_STOP_TOP1_KEY)
+
+    @property
+    def norm_anchor(self) -> float | str | None:
+        """`"norm_anchor"` (a key the original's files do not have; NAS's norm anchors, `anchors.py`):
+        the reference norm each request's target MLP output v* is rescaled to, or "auto" until it
+        is computed from a sample of the requests (`anchors.reference_norm`; the CLI does it).
+        Default None: the original's targets."""
+        return self.extra.get(NORM_ANCHOR_KEY)
 
     def _check_number(self, name: str, kind: type, minimum: float, strict: bool = False) -> None:
         value = getattr(self, name)

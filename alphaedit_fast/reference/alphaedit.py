@@ -121,10 +121,18 @@ def compute_z_ref(model, tok, request, hparams: AlphaEditHyperParams, layer: int
     def keep_loss_layer(module, args, kwargs, output):
         state["loss_layer_out"] = hidden_of(output)
 
+    def keep_mlp_output(module, args, kwargs, output):  # norm_anchor's v0: the MLP output at the lookup token
+        if "v0" not in state:
+            state["v0"] = hidden_of(output)[0, positions[0]].detach().clone()
+
+    readers = {loss_layer_name: keep_loss_layer}
+    if hparams.norm_anchor is not None:
+        readers[hparams.mlp_module_tmp.format(layer)] = keep_mlp_output
+
     opt = torch.optim.Adam([delta], lr=hparams.v_lr)
     kl_init = None
     top1_evaluations = 0  # early_stop_top1: evaluations with the new target top-1 at every checked position
-    with frozen(model), hooks(model, {layer_name: add_delta}), hooks(model, {loss_layer_name: keep_loss_layer}):
+    with frozen(model), hooks(model, {layer_name: add_delta}), hooks(model, readers):
         for step in range(hparams.v_num_grad_steps):
             opt.zero_grad()
             logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
@@ -155,7 +163,16 @@ def compute_z_ref(model, tok, request, hparams: AlphaEditHyperParams, layer: int
             if delta.norm() > max_norm:
                 with torch.no_grad():
                     delta[...] = delta * max_norm / delta.norm()
-    return (state["h0"] + delta).detach()
+    if hparams.norm_anchor is None:
+        return (state["h0"] + delta).detach()
+    # NAS: v* = v0 + delta rescaled to the reference norm; above twice the reference, v* = v0
+    reference, v0 = hparams.norm_anchor, state["v0"]
+    v_star = (v0 + delta).detach()
+    if v_star.norm() > 2 * reference:
+        v_star = v0
+    else:
+        v_star = v_star * reference / (v_star.norm() + 1e-10)
+    return state["h0"] - v0 + v_star
 
 
 def apply_alphaedit_ref(
