@@ -138,10 +138,10 @@ def resolve_norm_anchor(model, tok, hparams: AlphaEditHyperParams, requests: Seq
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise HyperParamsError(f"norm_anchor_samples must be a positive int, got {samples!r}")
     if progress:
-        print(f"norm_anchor: the reference norm of v* from {min(samples, len(requests))} of the requests "
+        print(f"norm_anchor auto: the reference norm of v* from {min(samples, len(requests))} of the requests "
               "(optimised on their bare prompts; cached)", flush=True)
     value = reference_norm(model, tok, requests, hparams, samples, progress=progress)
     resolved = AlphaEditHyperParams.from_dict({**hparams.to_dict(), NORM_ANCHOR_KEY: value})
     if progress:
-        print(f"norm_anchor: {value:.4g}", flush=True)
+        print(f"norm_anchor: {value:.6g}", flush=True)
     return resolved

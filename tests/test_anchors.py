@@ -135,3 +135,31 @@ def test_a_post_mlp_norm_model_is_refused():
     hparams = test_hparams(model, extra={"norm_anchor": 1.0})
     with pytest.raises(HyperParamsError, match="post-MLP norm"):
         AlphaEditor(model, tok, hparams, context_templates=CONTEXT_TEMPLATES).edit(MORE_REQUESTS[:1])
+
+
+def test_cli_edit_resolves_auto_from_its_requests_as_the_number_would_edit(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from alphaedit_fast.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model, tok = tiny_model("llama"), tiny_tokenizer_for("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "requests.json").write_text(json.dumps(RAW_REQUESTS))
+    values = test_hparams(model, v_num_grad_steps=6).to_dict()
+
+    def edit(anchor, out):
+        (tmp_path / f"{out}.json").write_text(json.dumps({**values, "norm_anchor": anchor, "norm_anchor_samples": 3}))
+        assert main(["edit", "--model", str(tmp_path / "model"), "--requests", str(tmp_path / "requests.json"),
+                     "--hparams", str(tmp_path / f"{out}.json"), "--batch-size", "2",
+                     "--out", str(tmp_path / out)]) == 0
+        return load_file(tmp_path / out / "model.safetensors")
+
+    auto = edit("auto", "auto")
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("norm_anchor: "))
+    hparams = test_hparams(model, v_num_grad_steps=6, extra={"norm_anchor": "auto", "norm_anchor_samples": 3})
+    value = reference_norm(model, tok, RAW_REQUESTS, hparams, samples=3)  # cached by the CLI's run
+    assert line == f"norm_anchor: {value:.6g}"
+    number = edit(value, "number")
+    assert all(torch.equal(auto[k], number[k]) for k in auto)
