@@ -163,3 +163,16 @@ def test_cli_edit_resolves_auto_from_its_requests_as_the_number_would_edit(tmp_p
     assert line == f"norm_anchor: {value:.6g}"
     number = edit(value, "number")
     assert all(torch.equal(auto[k], number[k]) for k in auto)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_both_opt_ins_together_match_the_reference(family):
+    """Early stopping ends the loop, then the anchor rescales v* (NAS's order in its ENCORE port)."""
+    model, tok = tiny_model(family), tiny_tokenizer_for(family)
+    settings = dict(fact_token="last", v_lr=0.5, v_num_grad_steps=30, clamp_norm_factor=8.0)
+    norms, _, _ = v_star_norms(model, tok, test_hparams(model, **settings))
+    hparams = test_hparams(model, **settings, extra={"early_stop_top1": 2, "norm_anchor": float(norms.median())})
+    fast, _ = target_values(model, tok, MORE_REQUESTS, hparams, CONTEXT_TEMPLATES, None, None, False)
+    ref = torch.stack([compute_z_ref(model, tok, r, hparams, hparams.layers[-1], CONTEXT_TEMPLATES)
+                       for r in MORE_REQUESTS]).float()
+    assert_close_rel(fast.T, ref, z_rtol(model, hparams, ref.norm(dim=1).min().item()), dim=1, what="z")
