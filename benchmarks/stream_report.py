@@ -106,7 +106,8 @@ def markdown(study: dict) -> str:
         if not rows:
             rows.append(_row("unedited", curve[0], probes[0]))
         label = {"alphaedit": "AlphaEdit", "identity": "P = I"}[method]
-        rows.append(_row(label + (" (partial)" if metrics.get("partial") else ""), curve[-1], _at(probes, curve[-1])))
+        partial = f" (running: {metrics['done']} edits done)" if metrics.get("partial") else ""
+        rows.append(_row(label + partial, curve[-1], _at(probes, curve[-1])))
     return header + "\n".join(rows) + "\n"
 
 
