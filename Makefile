@@ -16,7 +16,7 @@ COMPAT_CONSTRAINTS ?= requirements/constraints-tf446.txt
 COMPAT_VENV ?= .venv-tf446
 COMPAT_TRANSFORMERS ?= transformers==4.46.*
 LATEST_VENV ?= .venv-latest
-ENGINE_TESTS := tests/test_engine.py tests/test_packing.py tests/test_head.py tests/test_positions.py tests/test_arch.py tests/test_families.py tests/test_templates.py tests/test_bad_input.py tests/test_suffix.py tests/test_keys.py tests/test_evaluation.py tests/test_eval_cli.py tests/test_loading.py tests/test_hparams.py tests/test_layout.py tests/test_integration_alphaedit_package.py tests/test_eval_stream.py
+ENGINE_TESTS := tests/test_engine.py tests/test_packing.py tests/test_head.py tests/test_positions.py tests/test_arch.py tests/test_families.py tests/test_templates.py tests/test_bad_input.py tests/test_suffix.py tests/test_keys.py tests/test_evaluation.py tests/test_eval_cli.py tests/test_loading.py tests/test_hparams.py tests/test_layout.py tests/test_integration_alphaedit_package.py tests/test_eval_stream.py tests/test_anchors.py
 # pip, setuptools and wheel too (the extension builds without isolation); not the project itself
 FREEZE = pip freeze --all --exclude-editable
 
