@@ -130,13 +130,11 @@ def reference_norm(model, tok, requests: Sequence[dict], hparams: AlphaEditHyper
 def resolve_norm_anchor(model, tok, hparams: AlphaEditHyperParams, requests: Sequence[dict],
                         progress: bool = False) -> AlphaEditHyperParams:
     """`hparams` with `"norm_anchor": "auto"` replaced by `reference_norm` over a sample of
-    `requests` (`"norm_anchor_samples"`, default 1000; cached); `hparams` itself otherwise."""
+    `requests` (`hparams.norm_anchor_samples` of them; cached); `hparams` itself otherwise."""
     if hparams.norm_anchor != "auto":
         return hparams
     check_norm_anchor(model, hparams)
-    samples = hparams.extra.get("norm_anchor_samples", 1000)
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise HyperParamsError(f"norm_anchor_samples must be a positive int, got {samples!r}")
+    samples = hparams.norm_anchor_samples
     if progress:
         print(f"norm_anchor auto: the reference norm of v* from {min(samples, len(requests))} of the requests "
               "(optimised on their bare prompts; cached)", flush=True)

@@ -76,6 +76,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 POST_MLP_NORM_KEY = "post_mlp_norm"
 EARLY_STOP_TOP1_KEY = "early_stop_top1"
 NORM_ANCHOR_KEY = "norm_anchor"
+NORM_ANCHOR_SAMPLES_KEY = "norm_anchor_samples"
 
 
 @dataclass
@@ -265,6 +266,9 @@ class AlphaEditHyperParams:
                 anchor, (int, float)) or not 0 < anchor < float("inf")):
             raise HyperParamsError(f"{NORM_ANCHOR_KEY} must be a positive number (the reference norm of v*), 'auto' "
                                    f"(computed from a sample of the requests) or null (off), got {anchor!r}")
+        samples = self.norm_anchor_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise HyperParamsError(f"{NORM_ANCHOR_SAMPLES_KEY} must be a positive int, got {samples!r}")
         hits = self.extra.get(EARLY_STOP_TOP1_KEY)
         if hits is not None and (isinstance(hits, bool) or not isinstance(hits, int) or hits < 1):
             raise HyperParamsError(f"{EARLY_STOP_TOP1_KEY} must be a positive int (stop a request's z optimisation "
@@ -294,6 +298,11 @@ class AlphaEditHyperParams:
         is computed from a sample of the requests (`anchors.reference_norm`; the CLI does it).
         Default None: the original's targets."""
         return self.extra.get(NORM_ANCHOR_KEY)
+
+    @property
+    def norm_anchor_samples(self) -> int:
+        """`"norm_anchor_samples"`: how many requests `"norm_anchor": "auto"` computes its reference from (1000)."""
+        return self.extra.get(NORM_ANCHOR_SAMPLES_KEY, 1000)
 
     def _check_number(self, name: str, kind: type, minimum: float, strict: bool = False) -> None:
         value = getattr(self, name)

@@ -65,7 +65,7 @@ def by_batch(cases_path: Path, batch_size: int) -> list[dict]:
     rows = []
     for start in range(0, len(records), batch_size):
         rates = [case_rates(r) for r in records[start:start + batch_size]]
-        rows.append({"batch": start // batch_size + 1, **{f: _mean(r[f] for r in rates) for f in FAMILIES}})
+        rows.append({"batch": start // batch_size + 1, **{f: mean(r[f] for r in rates) for f in FAMILIES}})
     return rows
 
 
@@ -82,9 +82,9 @@ def failures(cases_path: Path) -> dict:
     failed = [r for r in records if case_rates(r)["efficacy"] == 0]
     held = [r for r in records if case_rates(r)["efficacy"] == 1]
     return {"failed": len(failed), "of": len(records),
-            "unedited_margin_failed": _mean(map(margin, failed)), "unedited_margin_held": _mean(map(margin, held)),
-            "new_object_chars_failed": _mean(len(r["requested_rewrite"]["target_new"]["str"]) for r in failed),
-            "new_object_chars_held": _mean(len(r["requested_rewrite"]["target_new"]["str"]) for r in held),
+            "unedited_margin_failed": mean(map(margin, failed)), "unedited_margin_held": mean(map(margin, held)),
+            "new_object_chars_failed": mean(len(r["requested_rewrite"]["target_new"]["str"]) for r in failed),
+            "new_object_chars_held": mean(len(r["requested_rewrite"]["target_new"]["str"]) for r in held),
             "examples": [f'{r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"])} '
                          f'[{r["requested_rewrite"]["target_true"]["str"]} -> '
                          f'{r["requested_rewrite"]["target_new"]["str"]}]' for r in failed[:8]]}
@@ -119,10 +119,11 @@ def _row(label: str, point: dict, probe: dict) -> str:
     general = probe.get("general", {})
     cells = [label, point["n_edits"], *(point["nll_rates"][f] for f in FAMILIES), point.get("fluency"),
              probe.get("perplexity"), general.get("sst2", {}).get("f1_new"),
-             _mean(t["f1_new"] for t in general.values()) if general else None, sum(point["weight_change"].values())]
+             mean(t["f1_new"] for t in general.values()) if general else None, sum(point["weight_change"].values())]
     return "| " + " | ".join("-" if c is None else f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells) + " |"
 
 
-def _mean(values):
+def mean(values):
+    """The mean of the values that are not None (None when none are)."""
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None

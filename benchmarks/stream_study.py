@@ -303,7 +303,7 @@ def findings(study: dict, work: Path, args) -> None:
         a, i = (runs[m] for m in METHODS)
 
         def general(metrics):
-            return stream_report._mean(t["f1_new"] for t in metrics["probes"][-1]["general"].values())
+            return stream_report.mean(t["f1_new"] for t in metrics["probes"][-1]["general"].values())
 
         study["alphaedit_ahead"] = {
             "neighborhood": a["curve"][-1]["nll_rates"]["neighborhood"] > i["curve"][-1]["nll_rates"]["neighborhood"],

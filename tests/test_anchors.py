@@ -130,6 +130,12 @@ def test_norm_anchor_values_are_checked(value):
         test_hparams(tiny_model("gpt2"), extra={"norm_anchor": value})
 
 
+@pytest.mark.parametrize("value", [0, 2.5, True, "10"])
+def test_norm_anchor_samples_are_checked(value):
+    with pytest.raises(HyperParamsError, match="norm_anchor_samples must be a positive int"):
+        test_hparams(tiny_model("gpt2"), extra={"norm_anchor": "auto", "norm_anchor_samples": value})
+
+
 def test_a_post_mlp_norm_model_is_refused():
     model, tok = tiny_model("gemma2"), tiny_tokenizer_for("gemma2")
     hparams = test_hparams(model, extra={"norm_anchor": 1.0})
