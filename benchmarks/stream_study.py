@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # stream_report
 SHARED = ROOT.parent / "shared" / "data"
 METHODS = {"alphaedit": "AlphaEdit", "identity": "P = I"}
+PROJECTOR_FILE = "projector.safetensors"  # the null-space bases at the preset's threshold, made once
 
 
 def prepare(args, work: Path) -> dict[str, Path]:
@@ -36,7 +37,7 @@ def prepare(args, work: Path) -> dict[str, Path]:
     statistics read) and the key statistics, in `work` (computed once)."""
     work.mkdir(parents=True, exist_ok=True)
     files = {"requests": work / "requests.json", "heldout": work / "heldout.txt",
-             "stats": work / "key-stats.safetensors"}
+             "stats": work / "key-stats.safetensors", "projector": work / PROJECTOR_FILE}
     if not files["requests"].exists():
         start, count = (int(x) for x in args.records.split(":"))
         records = json.loads(Path(args.requests).read_text())[start:start + count]
@@ -44,17 +45,40 @@ def prepare(args, work: Path) -> dict[str, Path]:
     if not files["heldout"].exists():  # the statistics read the corpus from its start: score its last part
         text = Path(args.corpus).read_text(encoding="utf-8")
         files["heldout"].write_text(text[-args.heldout_chars:])
-    if not files["stats"].exists():
+    if not files["projector"].exists():
         from alphaedit_fast import AlphaEditHyperParams
         from alphaedit_fast.loading import load_model, resolve_model_name
 
         model, _ = load_model(resolve_model_name(args.model))
-        layers = ",".join(map(str, AlphaEditHyperParams.for_model(model).layers))
+        hparams = AlphaEditHyperParams.for_model(model)
         del model
-        run(["stats", "--model", args.model, "--corpus", args.corpus, "--layers", layers, "--max-tokens",
-             str(args.stats_tokens), "--out", str(work / "stats")])
-        (work / "stats" / "key-stats.safetensors").rename(files["stats"])
+        if not files["stats"].exists():
+            run(["stats", "--model", args.model, "--corpus", args.corpus, "--layers",
+                 ",".join(map(str, hparams.layers)), "--max-tokens", str(args.stats_tokens), "--out",
+                 str(work / "stats")])
+            (work / "stats" / "key-stats.safetensors").rename(files["stats"])
+        run(["projector", "--stats", str(files["stats"]), "--threshold", str(hparams.nullspace_threshold),
+             "--out", str(files["projector"])])
     return files
+
+
+def carry(work: Path, carried: Path, methods: list[str], into_work: bool) -> None:
+    """Copy the streams' state (the projector and each method's stream directory: what a resume
+    needs, ~tens of MB) between the work directory and `carried` (a folder in the repository, so
+    that a study outlives the machine it ran on): into `work` where it lacks them, or from it."""
+    import shutil
+
+    pairs = [(PROJECTOR_FILE, PROJECTOR_FILE)] + [(f"{m}/stream", f"{m}-stream") for m in methods]
+    for in_work, in_carried in pairs:
+        source, target = (carried / in_carried, work / in_work) if into_work else (work / in_work, carried / in_carried)
+        if not source.exists() or (into_work and target.exists()):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copy(source, target)
+        print(f"{source} -> {target}", flush=True)
 
 
 def run(cli_args: list[str]) -> None:
@@ -65,7 +89,7 @@ def run(cli_args: list[str]) -> None:
 
 def eval_arguments(args, files: dict[str, Path], method: str, out: Path) -> list[str]:
     """The `alphaedit-fast eval` arguments of `method`'s stream, its outputs in `out`."""
-    projector = ["--stats", str(files["stats"])] if method == "alphaedit" else ["--projector", "identity"]
+    projector = ["--projector", str(files["projector"]) if method == "alphaedit" else "identity"]
     return ["eval", "--model", args.model, "--requests", str(files["requests"]), *projector,
             "--batch-size", str(args.batch_size), "--curve", "--curve-every", str(args.every),
             "--fluency-records", str(args.fluency_records), "--general", args.general, "--general-data",
@@ -248,6 +272,8 @@ def main(argv=None) -> int:
                         "snapshot after DONE edits, kill it after the next batch and compare (check_resume)")
     parser.add_argument("--share-unedited", metavar="SOURCE:TARGET", help="give TARGET's stopped stream the "
                         "unedited measurements SOURCE's stream made (share_unedited) and exit")
+    parser.add_argument("--carry", help="a folder (in the repository) for the streams' state: restored into "
+                        "--work where it lacks it, and refreshed from it by --report (carry)")
     parser.add_argument("--snapshots", help="directory of checkpoint copies METHOD-*.safetensors (--check-resume)")
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
@@ -261,6 +287,10 @@ def main(argv=None) -> int:
     if args.share_unedited:
         source, target = args.share_unedited.split(":")
         return 0 if share_unedited(work, source, target) else 1
+    if args.carry and not args.report:
+        carry(work, Path(args.carry), methods, into_work=True)
+    if args.carry and args.report:
+        carry(work, Path(args.carry), methods, into_work=False)
     if not args.report:
         files = prepare(args, work)
         for method in methods:
