@@ -23,6 +23,7 @@ from .keys import KeyPasses, get_module_input_output_at_words
 from .modelstate import frozen, restore_on_error
 from .projector import ProjectorBases, basis_from_projector, check_projector_model
 from .requests import normalize_requests
+from .sharding import Shard, check_replicas, current_shard, weights_digest
 from .solve import DenseSolver, FactoredDenseSolver, ProjectedSolver
 from .storage import StatsFileError, load_tensors, model_fingerprint, require_tensors, save_tensors, umask_mode
 from .templates import get_context_templates
@@ -142,26 +143,56 @@ def check_edit(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, 
 
 def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templates, solver, *,
              cache_template: str | ZCacheFiles | None = None, z_batch_size: int | None = None, progress: bool = False,
-             timings: dict[str, float] | None = None, peak_bytes: dict[str, int] | None = None
-             ) -> dict[int, torch.Tensor]:
+             timings: dict[str, float] | None = None, peak_bytes: dict[str, int] | None = None,
+             shard: Shard | None = None) -> dict[int, torch.Tensor]:
     """DESIGN steps 3-5 on inputs `check_edit` has passed; `solver` gives each layer's update and absorbs the
     new keys (solve.DenseSolver or solve.ProjectedSolver). Returns {layer: update (d_k, d_model)}.
 
     Either every layer is edited and the solver has absorbed the keys, or the weights are
     restored and the error propagates. With `progress`: a bar of the z steps, then a line per
-    layer (keys, solve) and one for the cache update, on stderr.
+    layer (keys, solve) and one for the cache update, on stderr. With a `shard` (data-parallel,
+    `sharding.Shard`), this rank computes z and keys for its slice of `requests` only; the slices
+    are gathered in request order and every rank applies rank 0's update and solver state.
     """
     modules = check_model(model, hparams)
-    n_layers = len(hparams.layers)
+    n, n_layers = len(requests), len(hparams.layers)
+    progress = progress and (shard is None or shard.rank == 0)
     phase = Phases(model.get_input_embeddings().weight.device, timings, peak_bytes)
+    mine = shard.local(requests) if shard else list(requests)
+    rows_dtype = torch.promote_types(modules[0].weight.dtype, torch.float32)  # gathered exactly
+
+    def gathered(rows: torch.Tensor | None, width: int, what: str) -> torch.Tensor:
+        """(n, width): every rank's rows in request order (this rank's alone without a shard)."""
+        if shard is None:
+            return rows
+        rows = rows.to(rows_dtype) if rows is not None else torch.zeros(0, width, dtype=rows_dtype)
+        return shard.gather_rows(rows, n, what)
+
+    d_k, d_model = key_width(modules[0]), model_width(model)
     updates = {}
     with frozen(model), restore_on_error([m.weight for m in modules]):
         with phase("z"):
-            zs, first = target_values(model, tok, requests, hparams, context_templates,
-                                      z_cache_files(cache_template, hparams), z_batch_size, progress)
+            zs, first = (target_values(model, tok, mine, hparams, context_templates,
+                                       z_cache_files(cache_template, hparams), z_batch_size, progress)
+                         if mine else (None, None))
+            if shard is not None:
+                zs = gathered(None if zs is None else zs.T, d_model, "target values z").T
+                if all(shard.gather_objects(first is not None or not mine, "keys of the z pass")):
+                    first = tuple(gathered(part if first else None, width, "keys of the z pass")
+                                  for part, width in zip(first or (None, None), (d_k, d_model)))
+                else:
+                    first = None
             require_finite(zs, "target values z")
         with phase("keys"):
-            passes = KeyPasses(model, tok, requests, hparams, context_templates, with_z_output=True)
+            passes = KeyPasses(model, tok, mine, hparams, context_templates, with_z_output=True) if mine else None
+
+        def read(layers_read, **kwargs) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+            keys, outputs = passes.read(layers_read, **kwargs) if passes else ([None] * len(layers_read), None)
+            keys = [gathered(k, d_k, f"keys of layer {layer}") for k, layer in zip(keys, layers_read)]
+            if kwargs.get("with_z_output"):
+                outputs = gathered(outputs, d_model, "block outputs at the prompts")
+            return keys, outputs
+
         layers = hparams.layers
         post_norms = post_mlp_norms(model, hparams) if hparams.maps_post_mlp_norm else {}
         for i, (layer, module) in enumerate(zip(layers, modules)):
@@ -173,20 +204,22 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
                 else:
                     # Editing layers[i-1] changed nothing before its block: restart there. Block
                     # layers[0]'s input never changes; the cache update restarts from it too.
-                    (keys,), cur_zs = passes.read([layer], with_z_output=True,
-                                                  resume_at=layers[i - 1] if i else None,
-                                                  keep_inputs_of=sorted({layers[0], layer}))
-                    if i > 1:
+                    (keys,), cur_zs = read([layer], with_z_output=True, resume_at=layers[i - 1] if i else None,
+                                           keep_inputs_of=sorted({layers[0], layer}))
+                    if i > 1 and passes:
                         passes.drop_input(layers[i - 1])
                 if layer in post_norms:
                     mlp_out = get_module_input_output_at_words(
-                        model, tok, layer, [r["prompt"] for r in requests], [r["subject"] for r in requests],
-                        hparams.rewrite_module_tmp, hparams.fact_token)[1]
+                        model, tok, layer, [r["prompt"] for r in mine], [r["subject"] for r in mine],
+                        hparams.rewrite_module_tmp, hparams.fact_token)[1] if mine else None
+                    mlp_out = gathered(mlp_out, d_model, f"MLP outputs of layer {layer}")
             with phase("solve"):
                 resid = (zs.to(device) - cur_zs.T.to(device)) / (n_layers - i)
                 if layer in post_norms:
                     resid = through_post_mlp_norm(resid, mlp_out.to(device), post_norms[layer])
                 upd = solver.update(i, keys.T.to(device), resid)
+                if shard is not None:  # one update for all replicas, whatever each rank's BLAS did
+                    shard.broadcast_(upd, f"update of layer {layer}")
                 require_finite(upd, f"weight update of layer {layer}")
                 log.info("layer %d: |W| %.4g, |dW| %.4g", layer, module.weight.norm(), upd.norm())
                 with torch.no_grad():
@@ -194,10 +227,16 @@ def run_edit(model, tok, requests, hparams: AlphaEditHyperParams, context_templa
             updates[layer] = upd
             if progress:
                 progress_line(f"layer {layer}: {phase.since(before, 'keys', 'solve')}")
+        if shard is not None:
+            shard.require_same(weights_digest([m.weight for m in modules]), "edited weights after the batch")
         before = dict(phase.seconds)
         with phase("cache update"):
-            keys_after, _ = passes.read(layers, resume_at=layers[0])
+            keys_after, _ = read(layers, resume_at=layers[0])
             solver.absorb([k.T.to(m.weight.device) for k, m in zip(keys_after, modules)])
+            if shard is not None:
+                state = solver.state_tensors(layers) if hasattr(solver, "state_tensors") else {"": solver.new_cache}
+                for name, tensor in sorted(state.items()):
+                    shard.broadcast_(tensor, f"editor state {name}".strip())
         if progress:
             progress_line(phase.since(before, "cache update"))
     return updates
@@ -287,7 +326,7 @@ def apply_AlphaEdit_to_model(  # noqa: N802 - the original's name
     cached per tensor, see `factored_projector`); `solver="dense"` always uses the original's dense
     form. Neither they nor `requests` are modified: the new cache is returned. Everything is validated before the first
     weight changes, and if anything fails part-way every weight is restored. `options`:
-    z_batch_size, progress, timings (see `run_edit`). For many sequential batches use
+    z_batch_size, progress, timings (see `run_edit`), distributed (see `AlphaEditor`). For many sequential batches use
     `AlphaEditor`, which keeps a factored projector on the device and solves in the null space.
     """
     hparams = as_hparams(hparams)
@@ -295,10 +334,11 @@ def apply_AlphaEdit_to_model(  # noqa: N802 - the original's name
     modules = check_model(model, hparams)
     if solver not in ("auto", "dense"):
         raise InvalidArgumentError(f"solver must be 'auto' or 'dense', got {solver!r}")
-    unknown = sorted(set(options) - {"z_batch_size", "progress", "timings"})
+    unknown = sorted(set(options) - {"z_batch_size", "progress", "timings", "distributed"})
     if unknown:
         raise InvalidArgumentError(f"unknown option(s) {unknown}; apply_AlphaEdit_to_model takes z_batch_size, "
-                                   "progress and timings besides the original's arguments")
+                                   "progress, timings and distributed besides the original's arguments")
+    shard = current_shard(options.pop("distributed", None))
     d_k, n_layers = key_width(modules[0]), len(hparams.layers)
     constrained = P is not None
     P = layer_stack(P, n_layers, d_k, "P", "identity")  # the caller's tensor itself when valid
@@ -308,13 +348,16 @@ def apply_AlphaEdit_to_model(  # noqa: N802 - the original's name
     context_templates = check_context_templates(
         context_templates if context_templates is not None else get_context_templates(model, tok))
     check_edit(model, tok, requests, hparams, context_templates, cache_template, options.get("z_batch_size"))
+    if shard is not None:
+        check_replicas(shard, model, [hparams.rewrite_module_tmp.format(l) for l in hparams.layers], hparams,
+                       requests, context_templates)
     bases = None
     if solver == "auto" and constrained:
         bases = factored_projector(P, [m.weight.device for m in modules])
     layer_solver = (DenseSolver(P, cache_c, hparams.L2, original_form=solver == "dense") if bases is None
                     else FactoredDenseSolver(bases, P, cache_c, hparams.L2))
     run_edit(model, tok, requests, hparams, context_templates, layer_solver, cache_template=cache_template,
-             **options)
+             shard=shard, **options)
     require_finite(layer_solver.new_cache, "updated cache_c")
     return model, layer_solver.new_cache
 
@@ -331,13 +374,19 @@ class AlphaEditor:
     "cholesky", "woodbury"; solve_dtype: torch.float32 or torch.float64.
     A projector read by `load_projector` must be for this model (or an edited descendant)
     unless `allow_foreign_projector=True`.
+
+    distributed: None (default) edits data-parallel when torch.distributed is initialised with
+    several ranks (`torchrun`): every rank calls `edit` with the same requests, optimises z and
+    reads keys for its slice, and all end with rank 0's update (`sharding`); False edits in this
+    process alone; True requires a process group.
     """
 
     def __init__(self, model, tok, hparams, projector=None, cache_c: torch.Tensor | None = None,
                  context_templates: list[list[str]] | None = None, solver: str = "auto",
                  solve_dtype: torch.dtype = torch.float32, z_batch_size: int | None = None, progress: bool = False,
-                 allow_foreign_projector: bool = False):
+                 allow_foreign_projector: bool = False, distributed: bool | None = None):
         self.model, self.tok, self.hparams = model, tok, as_hparams(hparams)
+        self.distributed = distributed
         self.modules = check_model(model, self.hparams)
         solve_dtype = check_options(solver, z_batch_size, solve_dtype)
         if isinstance(projector, ProjectorBases):
@@ -383,14 +432,21 @@ class AlphaEditor:
         """Apply one batch of edits in place; returns the seconds spent per phase. A `peak_bytes`
         dict receives each phase's peak memory (`timing.peak_memory_bytes`)."""
         requests = normalize_requests(requests)
+        shard = current_shard(self.distributed)
         check_edit(self.model, self.tok, requests, self.hparams, self.context_templates, cache_template,
                    self.z_batch_size)
+        if shard is not None:
+            check_replicas(shard, self.model, self._names(), self.hparams, requests,
+                           self.context_templates)
         timings: dict[str, float] = {}
         run_edit(self.model, self.tok, requests, self.hparams, self.context_templates, self.solver,
                  cache_template=cache_template, z_batch_size=self.z_batch_size, progress=self.progress,
-                 timings=timings, peak_bytes=peak_bytes)
+                 timings=timings, peak_bytes=peak_bytes, shard=shard)
         self.num_edits += len(requests)
         return timings
+
+    def _names(self) -> list[str]:
+        return [self.hparams.rewrite_module_tmp.format(layer) for layer in self.hparams.layers]
 
     @classmethod
     def from_pretrained(cls, model, hparams=None, projector=None, stats=None, context_templates=None, *,
@@ -440,7 +496,7 @@ class AlphaEditor:
         tensors = {}
         for layer, basis, cache in zip(self.hparams.layers, self.solver.bases, self.solver.cache_proj):
             tensors[f"layer.{layer}.basis"], tensors[f"layer.{layer}.cache_proj"] = basis, cache
-        names = [self.hparams.rewrite_module_tmp.format(layer) for layer in self.hparams.layers]
+        names = self._names()
         return save_tensors(path, tensors, {
             "kind": self.STATE_KIND, "layers": self.hparams.layers, "num_edits": self.num_edits,
             "context_templates": self.context_templates, "model_fingerprint": model_fingerprint(self.model, names)})
