@@ -11,6 +11,7 @@ import torch
 from .bench import SHAPES
 from .errors import InvalidArgumentError, ModelFileError, run_reporting_errors
 from .loading import DTYPES, add_model_arguments, checkpoint_dtype, default_device, load_model, resolve_model_name
+from .sharding import join_ranks, leave_ranks, wait_for_ranks
 from .timing import edit_progress, progress_line
 from .tiny import FAMILY_CONFIGS
 
@@ -114,11 +115,7 @@ def run_stats(args) -> None:
     if world > 1 and args.device_map:
         raise InvalidArgumentError("--device-map spreads one model over the GPUs; under torchrun every process "
                                    "loads its own copy: drop --device-map")
-    if world > 1 and not dist.is_initialized():  # launched by torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = args.device
-    if device is None and args.device_map is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    device, _, _ = join_ranks(args.device)
     model, tok = load_model(args.model, args.dtype, device, args.device_map)
     layers = [int(x) for x in args.layers.split(",")]
     stats = collect_statistics(
@@ -129,9 +126,7 @@ def run_stats(args) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         path = stats.save(os.path.join(args.out, "key-stats.safetensors"))
         print(f"{stats.count} tokens, layers {layers} -> {path}")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_ranks()
 
 
 def run_projector(args) -> None:
@@ -204,17 +199,20 @@ def run_edit_command(args) -> None:
     hparams = _load_hparams(args.hparams)  # the files first: loading a large model takes minutes
     requests = load_requests(args.requests)
     size = args.batch_size or len(requests)
+    device, max_memory, writes = join_ranks(args.device, args.device_map)  # under torchrun: data-parallel
+    say = print if writes else _silent
+    wait_for_ranks("checking --out")  # every rank has seen the stream directory as it was before rank 0 writes
     source = resolve_model_name(args.model)  # once: a GGUF is hashed, a hub host resolved
-    model, tok = load_model(source, args.dtype, args.device, args.device_map)
+    model, tok = load_model(source, args.dtype, device, args.device_map, max_memory)
     save_dtype = DTYPES[args.save_dtype] if args.save_dtype != "auto" else checkpoint_dtype(source) or model.dtype
     from .anchors import resolve_norm_anchor
 
-    hparams = resolve_norm_anchor(model, tok, hparams, requests, progress=True)
+    hparams = resolve_norm_anchor(model, tok, hparams, requests, progress=writes)
     if args.resume:
-        stream = EditStream.resume(checkpoints, model, tok, hparams, requests, {"progress": True},
+        stream = EditStream.resume(checkpoints, model, tok, hparams, requests, {"progress": True}, writes=writes,
                                    batch_size=size, **starting_point)
         editor = stream.editor
-        print(f"resuming after {stream.done} of {len(requests)} edits ({stream.editor.num_edits} in the editor)")
+        say(f"resuming after {stream.done} of {len(requests)} edits ({stream.editor.num_edits} in the editor)")
     else:
         if state:
             editor = AlphaEditor.from_state(model, tok, hparams, state, progress=True)
@@ -223,14 +221,15 @@ def run_edit_command(args) -> None:
                          if args.projector else None)
             editor = AlphaEditor(model, tok, hparams, projector=projector, progress=True,
                                  allow_foreign_projector=args.allow_foreign_projector)
-        stream = EditStream.start(checkpoints, editor, requests, batch_size=size, **starting_point)
+        stream = EditStream.start(checkpoints, editor, requests, writes=writes, batch_size=size, **starting_point)
     start = time.perf_counter()
-    with edit_progress(len(requests), stream.done) as bar:
+    with edit_progress(len(requests), stream.done, disable=not writes) as bar:
         for first, stop in stream.batches(size):
             seconds = editor.edit(requests[first:stop])
             stream.save(stop, {"seconds": _add_seconds(stream.progress.get("seconds", {}), seconds)})
             bar.update(stop - first)
-            progress_line(f"edits {first + 1}-{stop}: " + ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()))
+            if writes:
+                progress_line(f"edits {first + 1}-{stop}: " + ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()))
 
     def write(directory: Path) -> None:
         if model.dtype != save_dtype:  # the edit is done: cast in place rather than copy the weights
@@ -239,9 +238,15 @@ def run_edit_command(args) -> None:
         tok.save_pretrained(directory)
         editor.save_state(directory / STATE_FILE)
 
-    write_directory(out, write)  # model, tokenizer and state appear together or not at all
-    shutil.rmtree(checkpoints)
-    print(f"{len(requests)} edits in {time.perf_counter() - start:.1f}s ({editor.num_edits} in total) -> {out}")
+    if writes:  # rank 0 alone under torchrun (every rank holds the same weights)
+        write_directory(out, write)  # model, tokenizer and state appear together or not at all
+        shutil.rmtree(checkpoints)
+        print(f"{len(requests)} edits in {time.perf_counter() - start:.1f}s ({editor.num_edits} in total) -> {out}")
+    leave_ranks()
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
 
 
 def _add_seconds(total: dict[str, float], seconds: dict[str, float]) -> dict[str, float]:
@@ -288,16 +293,19 @@ def run_eval_requests(args) -> None:
                                   "does not exist); run without --resume to start one")
     from .factworld import SHIPPED_MODEL
 
+    device, max_memory, writes = join_ranks(args.device, args.device_map)  # under torchrun: data-parallel
+    say = print if writes else _silent
+    wait_for_ranks("checking --out")  # every rank has seen --out as it was before rank 0 writes
     model = args.model if args.model is not None else SHIPPED_MODEL
-    print(f"{len(cases)} {schema} records from {args.requests}; loading {model}")
+    say(f"{len(cases)} {schema} records from {args.requests}; loading {model}")
     editor = AlphaEditor.from_pretrained(
         model, hparams=args.hparams, projector=args.projector, stats=args.stats,
-        context_templates=args.context_templates, dtype=args.dtype, device=args.device, device_map=args.device_map,
-        allow_foreign_projector=args.allow_foreign_projector, progress=True)
+        context_templates=args.context_templates, dtype=args.dtype, device=device, device_map=args.device_map,
+        allow_foreign_projector=args.allow_foreign_projector, progress=True, max_memory=max_memory)
     from .anchors import resolve_norm_anchor
 
     editor.hparams = resolve_norm_anchor(editor.model, editor.tok, editor.hparams, [edit_request(c) for c in cases],
-                                         progress=True)
+                                         progress=writes)
     metrics, records = evaluate_edits(
         editor, cases, schema, batch_size, before=not args.no_before, curve=args.curve, curve_every=args.curve_every,
         fluency=not args.no_fluency, fluency_records=args.fluency_records, generation_length=args.generation_length,
@@ -316,12 +324,14 @@ def run_eval_requests(args) -> None:
         return ", ".join(parts)
 
     kind = "token accuracy" if schema != "counterfact" else "NLL comparison"
-    if "before" in metrics:
-        print(f"before any edit ({kind}): {rates(metrics['before'], 'before')}")
-    print(f"after {len(cases)} edits in batches of {metrics['batch_size']} ({kind}): {rates(metrics, 'after')}")
-    for path in write_evaluation(args.out, metrics, records):
-        print(f"-> {path}")
-    shutil.rmtree(checkpoints)
+    if writes:  # rank 0 alone under torchrun (every rank holds the same scores)
+        if "before" in metrics:
+            print(f"before any edit ({kind}): {rates(metrics['before'], 'before')}")
+        print(f"after {len(cases)} edits in batches of {metrics['batch_size']} ({kind}): {rates(metrics, 'after')}")
+        for path in write_evaluation(args.out, metrics, records):
+            print(f"-> {path}")
+        shutil.rmtree(checkpoints)
+    leave_ranks()
 
 
 def eval_probe(args):

@@ -451,7 +451,7 @@ class AlphaEditor:
     @classmethod
     def from_pretrained(cls, model, hparams=None, projector=None, stats=None, context_templates=None, *,
                         dtype=None, device=None, device_map=None, allow_foreign_projector: bool = False,
-                        **options) -> AlphaEditor:
+                        max_memory=None, **options) -> AlphaEditor:
         """An editor for a model by local directory or hub id, with its tokenizer, hyper-parameters
         (a preset name, file, dict, or None for the preset matching the model), projector (a file,
         bases, dense P or "identity") or statistics (a file or the original's `.npz` directory) and
@@ -460,7 +460,8 @@ class AlphaEditor:
         from .pretrained import load_for_editing
 
         parts = load_for_editing(model, hparams, projector, stats, context_templates, dtype=dtype, device=device,
-                                 device_map=device_map, allow_foreign_projector=allow_foreign_projector)
+                                 device_map=device_map, allow_foreign_projector=allow_foreign_projector,
+                                 max_memory=max_memory)
         return cls(**parts, allow_foreign_projector=allow_foreign_projector, **options)
 
     def edit_prompts(self, prompts, subject, target_new, ground_truth=None, rephrase_prompts=None,

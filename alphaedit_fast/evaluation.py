@@ -412,9 +412,14 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
     Returns (metrics, per-case records `{"case_id", "requested_rewrite", "num_edits", "post",
     ["pre"]}`); metrics holds rates, margins, accuracies, seconds and peak memory per phase.
     """
+    from .sharding import current_shard
     from .stream import EditStream, bases_fingerprint, weight_changes
     from .timing import Phases, edit_progress
 
+    shard = current_shard(editor.distributed)
+    writes = shard is None or shard.rank == 0
+    if not writes:
+        log = _silent
     n = len(cases)
     requests = [edit_request(c) for c in cases]
     curve_every = curve_every or batch_size
@@ -428,13 +433,13 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
                         projector=bases_fingerprint(editor.solver.bases), **(stream_fingerprints or {}))
         if resume:
             options = dict(z_batch_size=editor.z_batch_size, progress=editor.progress, solver=editor.solver.method,
-                           solve_dtype=editor.solver.dtype)
+                           solve_dtype=editor.solver.dtype, distributed=editor.distributed)
             stream = EditStream.resume(checkpoints, editor.model, editor.tok, editor.hparams, requests, options,
-                                       **settings)
+                                       writes=writes, **settings)
             editor = stream.editor
             log(f"resuming after {stream.done} of {n} edits")
         else:
-            stream = EditStream.start(checkpoints, editor, requests, **settings)
+            stream = EditStream.start(checkpoints, editor, requests, writes=writes, **settings)
     model, tok = editor.model, editor.tok
     names = [editor.hparams.rewrite_module_tmp.format(layer) for layer in editor.hparams.layers]
     unedited = stream.unedited if stream else {name: model.get_submodule(name).weight.detach().clone()
@@ -450,17 +455,34 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
     rewrite_prompts = [c["requested_rewrite"]["prompt"].format(c["requested_rewrite"]["subject"]) for c in cases]
     fluency_sample = rewrite_prompts[:fluency_records] if fluency and fluency_records else []
 
+    def score(some_cases: Sequence[dict]) -> list[dict]:  # each rank scores its slice (sharding)
+        if shard is None:
+            return score_cases(model, tok, some_cases, schema, batch_tokens)
+        mine = shard.local(some_cases)
+        scores = score_cases(model, tok, mine, schema, batch_tokens) if mine else []
+        return [s for part in shard.gather_objects(scores, "scores of the cases") for s in part]
+
+    def fluency_of(prompts: Sequence[str]) -> float:  # `generation_entropy`, each rank generating its slice
+        if shard is None:
+            return _mean(generation_entropies(model, tok, prompts, generation_length))
+        mine = shard.local(prompts)
+        entropies = generation_entropies(model, tok, mine, generation_length) if mine else []
+        return _mean(e for part in shard.gather_objects(entropies, "fluency of the generations") for e in part)
+
     def point(n_edits: int, results: list[dict]) -> dict:
         rates = summarize(results, schema)
         out = {"n_edits": n_edits, **rates["rates"], "nll_rates": rates["nll_rates"],
                "accuracy": rates["accuracy"], "weight_change": weight_change()}
         if fluency_sample:
-            out["fluency"] = generation_entropy(model, tok, fluency_sample, generation_length)
+            out["fluency"] = fluency_of(fluency_sample)
         return out
 
     def run_probe(n_edits: int) -> None:
-        with phases("evaluate probes"):
-            state["probes"].append({"n_edits": n_edits, **probe(model, tok)})
+        with phases("evaluate probes"):  # with ranks: rank 0 measures, the others wait for its result
+            result = probe(model, tok) if writes else None
+            if shard is not None:
+                result = shard.gather_objects(result, "general capability and perplexity")[0]
+            state["probes"].append({"n_edits": n_edits, **result})
         log(f"after {n_edits} edits: " + ", ".join(f"{k} {_brief(v)}" for k, v in state["probes"][-1].items()
                                                    if k != "n_edits"))
 
@@ -471,11 +493,11 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
     with phases("evaluate before"):  # the curve starts at 0 edits: every case on the unedited model
         if "pre" not in state and (before or curve):
             log(f"unedited model: scoring {n} cases")
-            state["pre"] = score_cases(model, tok, cases, schema, batch_tokens)
+            state["pre"] = score(cases)
             measured()
         if fluency and before and "before" not in state["entropy"]:
             log(f"unedited model: fluency of {n} greedy generations")
-            state["entropy"]["before"] = generation_entropy(model, tok, rewrite_prompts, generation_length)
+            state["entropy"]["before"] = fluency_of(rewrite_prompts)
             measured()
         if curve and not state["points"]:
             state["points"].append(point(0, state["pre"]))
@@ -484,7 +506,7 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
         log("unedited model: general capability and perplexity")
         run_probe(0)
         measured()
-    with edit_progress(n, stream.done if stream else 0) as bar:
+    with edit_progress(n, stream.done if stream else 0, disable=not writes) as bar:
         for start, stop in (stream.batches(batch_size) if stream else
                             ((i, min(i + batch_size, n)) for i in range(0, n, batch_size))):
             for name, value in editor.edit(requests[start:stop], peak_bytes=peak).items():
@@ -495,7 +517,7 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
             at_point = curve and stop < n and stop % curve_every == 0
             if at_point or (curve and state["first_batch"] is None):  # one scoring serves both
                 with phases("evaluate curve"):
-                    results = score_cases(model, tok, cases[:stop], schema, batch_tokens)
+                    results = score(cases[:stop])
                     if state["first_batch"] is None:
                         state["first_batch"] = rewrite_success(results)
                     if at_point:
@@ -509,9 +531,9 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
                 stream.save(stop, state)
     with phases("evaluate"):
         log(f"after {n} edits: scoring {n} cases" + (f" and fluency of {n} greedy generations" if fluency else ""))
-        post = score_cases(model, tok, cases, schema, batch_tokens)
+        post = score(cases)
         if fluency:
-            state["entropy"]["after"] = generation_entropy(model, tok, rewrite_prompts, generation_length)
+            state["entropy"]["after"] = fluency_of(rewrite_prompts)
     if probe is not None and (not state["probes"] or state["probes"][-1]["n_edits"] != n):
         run_probe(n)
     summary = summarize(post, schema)
@@ -525,7 +547,7 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
         final = {"n_edits": n, **summary["rates"], "nll_rates": summary["nll_rates"], "accuracy": summary["accuracy"],
                  "weight_change": metrics["weight_change"]}
         if fluency_sample:
-            final["fluency"] = generation_entropy(model, tok, fluency_sample, generation_length)
+            final["fluency"] = fluency_of(fluency_sample)
         metrics["curve"] = [*state["points"], final]
         after = rewrite_success(post)
         successes = [i for i, ok in enumerate(state["first_batch"] or []) if ok]
@@ -546,6 +568,10 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
                 "post": with_rates(post[i]), **({"pre": with_rates(pre[i])} if before else {})}
                for i, c in enumerate(cases)]
     return metrics, records
+
+
+def _silent(_message: str) -> None:
+    pass
 
 
 def _brief(value) -> str:

@@ -79,7 +79,8 @@ HUB_RESOLVE_TIMEOUT_S = 5.0
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None,
-               device: str | torch.device | None = None, device_map: str | None = None):
+               device: str | torch.device | None = None, device_map: str | None = None,
+               max_memory: dict | None = None):
     """(model in eval mode, tokenizer) from a local directory written by `save_pretrained`, a
     Hugging Face hub id (`org/name`, through the normal cache: a cached model loads offline),
     'factworld' (the model shipped in the package), a `.gguf` file or a named GGUF checkpoint
@@ -88,7 +89,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
     dtype: "auto"/None (fp32 on the CPU, the checkpoint's dtype on a GPU), "float32",
     "bfloat16", "float16" or a torch.dtype. device: default cuda when available, else cpu.
     device_map="auto": accelerate spreads the model over the GPUs (and the CPU); not together
-    with `device`. Every failure is a ModelFileError or InvalidArgumentError saying what to do.
+    with `device`; `max_memory` ({gpu: bytes}) limits it to those GPUs (a data-parallel rank's
+    share, `sharding.join_ranks`). Every failure is a ModelFileError or InvalidArgumentError saying what to do.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,6 +115,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
     unreachable = None if local or hub_offline() else hub_unreachable()
     source = {"local_files_only": True} if local or hub_offline() or unreachable else {}
     placement = {"device_map": device_map} if device_map is not None else {}
+    if device_map is not None and max_memory is not None:
+        placement["max_memory"] = max_memory
     if device is not None and device.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
         placement = {"device_map": {"": device}}  # straight onto the device, no copy in CPU memory
     try:

@@ -95,7 +95,7 @@ def read_context_templates(path) -> list[list[str]]:
 
 
 def load_for_editing(model, hparams=None, projector=None, stats=None, context_templates=None, *, dtype=None,
-                     device=None, device_map=None, allow_foreign_projector: bool = False) -> dict:
+                     device=None, device_map=None, allow_foreign_projector: bool = False, max_memory=None) -> dict:
     """`AlphaEditor` arguments from names and files: {"model", "tok", "hparams", "projector",
     "context_templates"}.
 
@@ -108,7 +108,7 @@ def load_for_editing(model, hparams=None, projector=None, stats=None, context_te
     from .loading import load_model, resolve_model_name
 
     source = resolve_model_name(model)
-    model, tok = load_model(source, dtype=dtype, device=device, device_map=device_map)
+    model, tok = load_model(source, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
     hparams = resolve_hparams(hparams, model)
     factworld = is_factworld_model(source)
     if projector is not None and stats is not None:

@@ -109,7 +109,7 @@ class Shard:
 
     def require_same(self, value: str, what: str) -> None:
         """Raise DistributedEditError on every rank unless all ranks hold the same `value`."""
-        values = self.gather_objects(value, what)
+        values = self.gather_objects(value, f"comparing the ranks' {what}")
         if len(set(values)) > 1:
             groups: dict[str, list[int]] = {}
             for rank, v in enumerate(values):
@@ -197,3 +197,58 @@ def check_replicas(shard: Shard, model, names: Sequence[str], hparams, requests:
     shard.require_same(digest(hparams.to_dict()), "hyper-parameters")
     shard.require_same(digest([dict(r) for r in requests]), "requests")
     shard.require_same(digest(context_templates), "context templates")
+
+
+def join_ranks(device=None, device_map: str | None = None) -> tuple[object, dict | None, bool]:
+    """Under `torchrun` (WORLD_SIZE > 1): join its process group (nccl on GPUs, gloo on the CPU,
+    with the `default_timeout_s` timeout) and place this rank's replica: its own GPU (LOCAL_RANK),
+    or with `device_map="auto"` its own share of the node's GPUs (`rank_gpus`, as a max_memory
+    for accelerate). Returns (device, max_memory, whether this process writes the outputs)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        return device, None, True
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=default_timeout_s()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    max_memory = None
+    if torch.cuda.is_available():
+        if device_map is not None:
+            gpus = rank_gpus(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count())
+            torch.cuda.set_device(gpus[0])
+            max_memory = {g: torch.cuda.mem_get_info(g)[0] for g in gpus}
+        elif device is None:
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(local_rank)
+    return device, max_memory, dist.get_rank() == 0
+
+
+def rank_gpus(local_rank: int, local_world: int, n_gpus: int) -> list[int]:
+    """The GPUs of one rank's replica when each of a node's `local_world` ranks spreads its model
+    over an equal share of the node's `n_gpus` (8 GPUs, 4 ranks: rank 1 takes GPUs 2 and 3)."""
+    from .errors import InvalidArgumentError
+
+    if n_gpus < local_world or n_gpus % local_world:
+        raise InvalidArgumentError(f"--device-map auto under torchrun: {local_world} ranks per node cannot share "
+                                   f"{n_gpus} GPU(s) equally; use a number of ranks per node that divides {n_gpus}")
+    share = n_gpus // local_world
+    return list(range(local_rank * share, (local_rank + 1) * share))
+
+
+def wait_for_ranks(what: str) -> None:
+    """A monitored barrier of the default group when several ranks run (else nothing): e.g. after
+    every rank has checked the output directory and before rank 0 writes there."""
+    shard = Shard.current()
+    if shard is not None:
+        shard.barrier(what)
+
+
+def leave_ranks() -> None:
+    """Wait for every rank, then leave the process group `join_ranks` joined (if any)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        wait_for_ranks("finishing")
+        dist.destroy_process_group()

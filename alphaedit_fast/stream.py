@@ -78,24 +78,28 @@ class EditStream:
     done: int = 0
     progress: dict = field(default_factory=dict)
     unedited: dict[str, torch.Tensor] = field(default_factory=dict)  # the edited layers' weights before the stream
+    writes: bool = True  # False on every rank of a data-parallel edit but rank 0: only rank 0 writes
 
     @classmethod
-    def start(cls, directory, editor, requests: Sequence[dict], **fingerprints) -> EditStream:
-        """A new stream from the editor's current model and state; refused where a checkpoint exists."""
+    def start(cls, directory, editor, requests: Sequence[dict], writes: bool = True, **fingerprints) -> EditStream:
+        """A new stream from the editor's current model and state; refused where a checkpoint exists.
+        `writes=False`: keep count but write nothing (the ranks of a data-parallel edit but rank 0)."""
         directory = Path(directory)
-        if has_checkpoint(directory):
+        if writes and has_checkpoint(directory):  # (another rank may already have started it)
             raise StreamMismatchError(f"{directory} holds an edit stream's checkpoint: resume it (--resume), or "
                                       "choose another directory (or delete that one) to start a new stream")
-        stream = cls(directory, editor, requests, _fingerprints(editor.model, editor.hparams, requests, fingerprints))
+        stream = cls(directory, editor, requests, _fingerprints(editor.model, editor.hparams, requests, fingerprints),
+                     writes=writes)
         stream.unedited = stream._weights()
-        bases = {f"layer.{l}.basis": u for l, u in zip(editor.hparams.layers, editor.solver.bases)}
-        save_tensors(directory / PROJECTOR, bases, {"kind": PROJECTOR_KIND, "fingerprints": stream.fingerprints})
+        if writes:
+            bases = {f"layer.{l}.basis": u for l, u in zip(editor.hparams.layers, editor.solver.bases)}
+            save_tensors(directory / PROJECTOR, bases, {"kind": PROJECTOR_KIND, "fingerprints": stream.fingerprints})
         stream.save()  # done = 0: a resume before the first batch finds the starting cache and edit count
         return stream
 
     @classmethod
     def resume(cls, directory, model, tok, hparams, requests: Sequence[dict], editor_options: dict | None = None,
-               **fingerprints) -> EditStream:
+               writes: bool = True, **fingerprints) -> EditStream:
         """The stream of `directory`, its editor rebuilt on `model` (loaded as when the stream
         started, unedited by it) with the checkpoint's weights put back. StreamMismatchError when
         the requests, hyper-parameters, model or `fingerprints` differ from the stream's."""
@@ -132,7 +136,7 @@ class EditStream:
                           "rounding level", stacklevel=2)
         editor = AlphaEditor(model, tok, hparams, projector=[bases[f"layer.{l}.basis"] for l in layers],
                              context_templates=meta["context_templates"], **(editor_options or {}))
-        stream = cls(directory, editor, requests, meta["fingerprints"], meta["done"], meta["progress"])
+        stream = cls(directory, editor, requests, meta["fingerprints"], meta["done"], meta["progress"], writes=writes)
         stream.unedited = stream._weights()
         with torch.no_grad():
             for name in names:
@@ -164,6 +168,8 @@ class EditStream:
             self.done = done
         if progress is not None:
             self.progress = progress
+        if not self.writes:
+            return self.directory / CHECKPOINT
         editor = self.editor
         tensors = {f"weight.{n}": get_module(editor.model, n).weight for n in _names(editor.hparams)}
         tensors.update(editor.solver.state_tensors(editor.hparams.layers))

@@ -62,9 +62,9 @@ def progress_line(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def edit_progress(total: int, done: int = 0, desc: str = "edits"):
+def edit_progress(total: int, done: int = 0, desc: str = "edits", disable: bool = False):
     """A progress bar of edits on stderr: edits done, edits per second and the time left
-    (counted from `done`, where a resumed stream starts)."""
+    (counted from `done`, where a resumed stream starts); `disable`: none (a rank but rank 0)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=done, desc=desc, unit="edit", file=sys.stderr, smoothing=0.1)
+    return tqdm(total=total, initial=done, desc=desc, unit="edit", file=sys.stderr, smoothing=0.1, disable=disable)

@@ -119,12 +119,15 @@ def test_start_and_resume_refusals(tmp_path):
 
 # Runs `alphaedit-fast edit ARGS`; KILL=MODE:N sends this process SIGKILL at the N-th event of MODE:
 # "save" while the N-th checkpoint is half written, "after-save" just after it is in place, "layer"
-# inside the N-th call of a layer solve after the first layer's weight was changed in place.
+# inside the N-th call of a layer solve after the first layer's weight was changed in place. Under
+# torchrun, KILL_RANKS=1,2 kills only those ranks.
 DRIVER = textwrap.dedent("""
     import os, signal, sys
     import torch
     torch.set_num_threads(1)
     mode, _, n = os.environ.get("KILL", ":0").partition(":")
+    if os.environ.get("KILL_RANKS") and os.environ.get("RANK", "0") not in os.environ["KILL_RANKS"].split(","):
+        mode = ""
     count = {"n": 0}
     def tick(event):
         if event == mode:
