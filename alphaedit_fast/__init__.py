@@ -4,6 +4,7 @@ from .arch import ModelSpec, detect
 from .editor import AlphaEditor, apply_AlphaEdit_to_model
 from .errors import (
     AlphaEditError,
+    DistributedEditError,
     HyperParamsError,
     InvalidArgumentError,
     InvalidRequestError,
@@ -28,6 +29,7 @@ __all__ = [
     "AlphaEditError",
     "AlphaEditor",
     "AlphaEditHyperParams",
+    "DistributedEditError",
     "HyperParamsError",
     "InvalidArgumentError",
     "InvalidRequestError",

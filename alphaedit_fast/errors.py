@@ -45,6 +45,11 @@ class InvalidArgumentError(AlphaEditError, ValueError):
     """An option of a public function (solver, z_batch_size, solve_dtype, ...) is out of range."""
 
 
+class DistributedEditError(AlphaEditError, RuntimeError):
+    """The ranks of a data-parallel edit disagree (model, requests, hyper-parameters, weights) or
+    one of them died or hung (`sharding`)."""
+
+
 class NonFiniteError(AlphaEditError, FloatingPointError):
     """A tensor holds NaN or infinity where finite values are required."""
 

@@ -19,12 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import AlphaEditError
-
-
-class DistributedEditError(AlphaEditError, RuntimeError):
-    """The ranks of an edit disagree (model, requests, hyper-parameters, weights) or one of them
-    died or hung."""
+from .errors import DistributedEditError
 
 
 def default_timeout_s() -> float:

