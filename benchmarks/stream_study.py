@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,22 +64,55 @@ def prepare(args, work: Path) -> dict[str, Path]:
 
 
 def carry(work: Path, carried: Path, methods: list[str], into_work: bool) -> None:
-    """Copy the streams' state (the projector and each method's stream directory: what a resume
-    needs, ~tens of MB) between the work directory and `carried` (a folder in the repository, so
-    that a study outlives the machine it ran on): into `work` where it lacks them, or from it."""
+    """Keep the streams' state in `carried` (a folder in the repository, so that a study outlives
+    the machine it ran on), or put it back into `work` where `work` lacks it.
+
+    Carried: the projector file and per method its checkpoint, compacted: the maintained inverses
+    (fp64) are left out and each projected cache (symmetric) keeps its lower triangle. A resume from
+    it recomputes the inverses by Cholesky and mirrors the cache, so its later batches differ from an
+    uninterrupted run's at rounding level. The stream's own copy of the projector bases is rebuilt
+    from the projector file (AlphaEdit) or the identity (P = I)."""
     import shutil
 
-    pairs = [(PROJECTOR_FILE, PROJECTOR_FILE)] + [(f"{m}/stream", f"{m}-stream") for m in methods]
-    for in_work, in_carried in pairs:
-        source, target = (carried / in_carried, work / in_work) if into_work else (work / in_work, carried / in_carried)
-        if not source.exists() or (into_work and target.exists()):
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, dirs_exist_ok=True)
-        else:
-            shutil.copy(source, target)
-        print(f"{source} -> {target}", flush=True)
+    from alphaedit_fast.projector import load_projector
+    from alphaedit_fast.storage import load_tensors, save_tensors
+    from alphaedit_fast.stream import CHECKPOINT, CHECKPOINT_KIND, PROJECTOR, PROJECTOR_KIND
+
+    carried.mkdir(parents=True, exist_ok=True)
+    if into_work and (carried / PROJECTOR_FILE).exists() and not (work / PROJECTOR_FILE).exists():
+        work.mkdir(parents=True, exist_ok=True)
+        shutil.copy(carried / PROJECTOR_FILE, work / PROJECTOR_FILE)
+    if not into_work and (work / PROJECTOR_FILE).exists():
+        shutil.copy(work / PROJECTOR_FILE, carried / PROJECTOR_FILE)
+    for method in methods:
+        stream, kept = work / method / "stream", carried / f"{method}-checkpoint.safetensors"
+        if not into_work and (stream / CHECKPOINT).exists():
+            tensors, meta = load_tensors(stream / CHECKPOINT, CHECKPOINT_KIND)
+            compact = {k: v for k, v in tensors.items() if not k.endswith((".inverse", ".cache_proj"))}
+            for name in (k for k in tensors if k.endswith(".cache_proj")):
+                rows, cols = torch.tril_indices(*tensors[name].shape)
+                compact[name + ".lower"] = tensors[name][rows, cols].contiguous()
+            save_tensors(kept, compact, meta)
+            print(f"{stream / CHECKPOINT} -> {kept}", flush=True)
+        elif into_work and kept.exists() and not (stream / CHECKPOINT).exists():
+            compact, meta = load_tensors(kept, CHECKPOINT_KIND)
+            tensors = {k: v for k, v in compact.items() if not k.endswith(".lower")}
+            bases = {}
+            for name in (k for k in compact if k.endswith(".cache_proj.lower")):
+                r = int((math.isqrt(8 * compact[name].numel() + 1) - 1) // 2)
+                rows, cols = torch.tril_indices(r, r)
+                cache = torch.zeros(r, r, dtype=compact[name].dtype)
+                cache[rows, cols] = compact[name]
+                cache[cols, rows] = compact[name]
+                tensors[name.removesuffix(".lower")] = cache
+                layer = int(name.split(".")[1])
+                bases[f"layer.{layer}.basis"] = (
+                    load_projector(work / PROJECTOR_FILE)[layer].float().contiguous() if method == "alphaedit"
+                    else torch.eye(r))
+            stream.mkdir(parents=True, exist_ok=True)
+            save_tensors(stream / PROJECTOR, bases, {"kind": PROJECTOR_KIND, "fingerprints": meta["fingerprints"]})
+            save_tensors(stream / CHECKPOINT, tensors, meta)
+            print(f"{kept} -> {stream}", flush=True)
 
 
 def run(cli_args: list[str]) -> None:
