@@ -89,10 +89,6 @@ class Shard:
             tensor.copy_(buffer)
         return tensor
 
-    def all_agree(self, value: str, what: str) -> bool:
-        """True when every rank passed the same flag (a string); a collective."""
-        return len(set(self.gather_objects(value, what))) == 1
-
     def gather_objects(self, value, what: str) -> list:
         """Every rank's `value` (picklable), in rank order."""
         import torch.distributed as dist

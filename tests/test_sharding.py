@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alphaedit_fast import AlphaEditor
+from alphaedit_fast import AlphaEditor, apply_AlphaEdit_to_model
 from alphaedit_fast.sharding import Shard
 from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
 
@@ -55,16 +55,28 @@ def edit_in_rank(rank, world, store, out, family, fault, timeout_s):
             os._exit(3)
         if rank == 1 and fault == "hang":
             time.sleep(3 * timeout_s)
-        for batch in BATCHES:
+        if fault == "original-api":
+            cache = original_api_edit(model, tok, hparams)
+        for batch in BATCHES if fault != "original-api" else []:
             editor.edit(batch[::-1] if fault == "requests" and rank == 1 else batch)
     except Exception as err:  # noqa: BLE001 - recorded for the test to read
         result["error"] = f"{type(err).__name__}: {err}"
         result["trace"] = traceback.format_exc()
     result.update(seconds=time.perf_counter() - started, weights=rewrite_weights(model, hparams), before=before,
-                  cache=editor.dense_cache())
+                  cache=cache if fault == "original-api" else editor.dense_cache())
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     if result["error"] is None:
         dist.destroy_process_group()
+
+
+def original_api_edit(model, tok, hparams) -> torch.Tensor:
+    """BATCHES through `apply_AlphaEdit_to_model` with dense P and cache_c, as the original calls it."""
+    P = torch.stack([u @ u.T for u in key_covariance_bases(hparams)])
+    cache = torch.zeros_like(P)
+    for batch in BATCHES:
+        _, cache = apply_AlphaEdit_to_model(model, tok, batch, hparams, P=P, cache_c=cache,
+                                            context_templates=CONTEXT_TEMPLATES)
+    return cache
 
 
 def run_ranks(tmp_path, world, family, fault=None, timeout_s=120.0):
@@ -82,10 +94,12 @@ def run_ranks(tmp_path, world, family, fault=None, timeout_s=120.0):
             for r in range(world)], [p.exitcode for p in processes]
 
 
-@pytest.mark.parametrize("family, world", [("llama", 2), ("gpt2", 3), ("gemma", 3)])
-def test_ranks_give_one_process_edit(tmp_path, family, world):
-    """Two sequential batches, the first of 2 requests (with 3 ranks, one rank holds none)."""
-    results, codes = run_ranks(tmp_path, world, family)
+@pytest.mark.parametrize("family, world, api", [("llama", 2, "editor"), ("gpt2", 3, "editor"), ("gemma", 3, "editor"),
+                                               ("qwen2", 2, "original-api")])
+def test_ranks_give_one_process_edit(tmp_path, family, world, api):
+    """Two sequential batches, the first of 2 requests (with 3 ranks, one rank holds none), with
+    AlphaEditor or the original's apply_AlphaEdit_to_model (dense P and cache_c in and out)."""
+    results, codes = run_ranks(tmp_path, world, family, api if api != "editor" else None)
     assert codes == [0] * world, [r and r["trace"] for r in results]
     for result in results[1:]:  # every rank's edited weights and state: bit-identical
         assert all(torch.equal(a, b) for a, b in zip(results[0]["weights"], result["weights"]))
@@ -94,16 +108,20 @@ def test_ranks_give_one_process_edit(tmp_path, family, world):
     model, tok = tiny_model(family), tiny_tokenizer_for(family)
     hparams = test_hparams(model, L2=10.0)
     before = rewrite_weights(model, hparams)
-    editor = AlphaEditor(model, tok, hparams, projector=key_covariance_bases(hparams),
-                         context_templates=CONTEXT_TEMPLATES, distributed=False)
-    for batch in BATCHES:
-        editor.edit(batch)
-    # z is optimised with other rows beside it than in one process: equal within the z tolerance
     rtol = edit_rtol(model, tok, [r for batch in BATCHES for r in batch], hparams)
+    if api == "editor":
+        editor = AlphaEditor(model, tok, hparams, projector=key_covariance_bases(hparams),
+                             context_templates=CONTEXT_TEMPLATES, distributed=False)
+        for batch in BATCHES:
+            editor.edit(batch)
+        cache = editor.dense_cache()
+    else:
+        cache = original_api_edit(model, tok, hparams)  # no process group here: one process
+    # z is optimised with other rows beside it than in one process: equal within the z tolerance
     for ranked, single, b in zip(results[0]["weights"], rewrite_weights(model, hparams), before):
         assert (single - b).norm() > 0
         assert ((ranked - single).norm() / (single - b).norm()).item() < rtol
-    assert ((results[0]["cache"] - editor.dense_cache()).norm() / editor.dense_cache().norm()).item() < rtol
+    assert ((results[0]["cache"] - cache).norm() / cache.norm()).item() < rtol
 
 
 @pytest.mark.parametrize("fault, what", [("requests", "requests"), ("model", "models")])
