@@ -48,7 +48,10 @@ SHAPES: dict[str, tuple[str, dict, list[int]]] = {
                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                                 rope_theta=500000.0, max_position_embeddings=8192), [4, 5, 6, 7, 8]),
 }
-EDIT_PATHS = ("reference", "fast", "fast-whole-rows")  # whole-rows: every z step over whole rows
+# whole-rows: every z step over whole rows; early-stop: the fast path with ENCORE's early stopping
+# (`"early_stop_top1"`, the hparams' own value or EARLY_STOP_TOP1), not the original's result
+EDIT_PATHS = ("reference", "fast", "fast-whole-rows", "fast-early-stop")
+EARLY_STOP_TOP1 = 2
 CONTEXT_TEMPLATES = [["{}"], ["The first thing. {}", "Therefore it is. {}", "Because of this. {}",
                               "I think that. {}", "You know what. {}"]]
 _SUBJECTS = ["Danielle Darrieux", "Toko Yasuda", "Michel Denisot", "Pervez Musharraf", "Edwin of Northumbria",
@@ -111,32 +114,38 @@ def bench_edit(shape: str, n_edits: int, repeats: int = 3, paths=("reference", "
 
 def bench_user_model(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, name: str, paths=("fast",),
                      repeats: int = 3, batch_size: int | None = None, null_fraction: float = 0.5,
-                     report: Callable[[str], None] | None = None) -> dict:
+                     report: Callable[[str], None] | None = None, bases: list[torch.Tensor] | None = None,
+                     cases: tuple[str, list[dict]] | None = None) -> dict:
     """`time_edits` of the user's `requests` on the user's `model`, with the context templates
     `alphaedit-fast edit` uses (generated once, before timing)."""
     if report:
         report(f"bench {name}: generating context templates ...")
     context_templates = get_context_templates(model, tok)
     result = time_edits(model, tok, requests, hparams, context_templates, paths, repeats, batch_size,
-                        null_fraction, report, label=name)
+                        null_fraction, report, label=name, bases=bases, cases=cases)
     return {"model": name, "context_templates": context_templates, **result}
 
 
 def time_edits(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, context_templates,
                paths=("fast",), repeats: int = 3, batch_size: int | None = None, null_fraction: float = 0.5,
-               report: Callable[[str], None] | None = None, label: str = "bench") -> dict:
+               report: Callable[[str], None] | None = None, label: str = "bench",
+               bases: list[torch.Tensor] | None = None, cases: tuple[str, list[dict]] | None = None) -> dict:
     """Median seconds per phase of editing `requests` in batches of `batch_size` (default: one
-    batch), for each path ("reference", "fast", "fast-whole-rows"), every run from the same
-    weights, under a random null space of `null_fraction` of the key width. Also the peak memory
-    per phase, the token slots of the first z step, speed-ups between paths, and with `report`
-    a progress line as each run starts and ends (the fast path adds its own per phase)."""
+    batch), for each path ("reference", "fast", "fast-whole-rows", "fast-early-stop"), every run
+    from the same weights, under `bases` (default: a random null space of `null_fraction` of the
+    key width). Also the peak memory per phase, the token slots of the first z step, speed-ups
+    between paths, and with `report` a progress line as each run starts and ends (the fast path
+    adds its own per phase). `cases` ((schema, records) of `evaluation.load_cases`, one per
+    request): each path's first run is scored after its last batch (`quality`, the rates of
+    `evaluation.summarize`), and early stopping's speed-up comes with its rates' difference."""
     unknown = sorted(set(paths) - set(EDIT_PATHS))
     if unknown:
         raise InvalidArgumentError(f"unknown bench path(s) {unknown}; give some of {', '.join(EDIT_PATHS)}")
     modules = [get_module(model, hparams.rewrite_module_tmp.format(layer)) for layer in hparams.layers]
     d_k = key_width(modules[0])
     device = model.get_input_embeddings().weight.device
-    bases = random_bases(len(hparams.layers), d_k, modules[0].weight.device, null_fraction)
+    bases = bases if bases is not None else random_bases(len(hparams.layers), d_k, modules[0].weight.device,
+                                                         null_fraction)
     size = batch_size or len(requests)
     batches = [requests[i : i + size] for i in range(0, len(requests), size)]
     tokens: dict[str, int] = {}
@@ -155,6 +164,12 @@ def time_edits(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, 
             with restored([m.weight for m in modules]):
                 timings = _edit_once(model, tok, batches, hparams, context_templates, bases, path, peaks,
                                      progress=report is not None)
+                if cases is not None and run == 0:
+                    from .evaluation import score_cases, summarize
+
+                    schema, records = cases
+                    scored = summarize(score_cases(model, tok, records, schema), schema)
+                    result.setdefault("quality", {})[path] = {k: scored[k] for k in ("nll_rates", "margins", "accuracy")}
             runs.append(timings)
             if report:
                 report(f"{what}: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
@@ -167,7 +182,27 @@ def time_edits(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, 
     if "fast-whole-rows" in result["paths"] and "fast" in result["paths"]:
         whole, fast = result["paths"]["fast-whole-rows"], result["paths"]["fast"]
         result["suffix_only_speedup"] = {k: whole[k] / fast[k] for k in ("z", "total")}
+    if "fast-early-stop" in result["paths"] and "fast" in result["paths"]:
+        early, fast = result["paths"]["fast-early-stop"], result["paths"]["fast"]
+        result["early_stop"] = {"early_stop_top1": _early_stop_hparams(hparams).early_stop_top1,
+                                "speedup": {k: fast[k] / early[k] for k in ("z", "total")}}
+        quality = result.get("quality", {})
+        if "fast" in quality and "fast-early-stop" in quality:
+            result["early_stop"]["rate_difference"] = {
+                family: {k: _difference(quality["fast-early-stop"][family][k], v) for k, v in rates.items()}
+                for family, rates in quality["fast"].items()}
     return result
+
+
+def _early_stop_hparams(hparams: AlphaEditHyperParams) -> AlphaEditHyperParams:
+    """`hparams` with early stopping on (its own `early_stop_top1`, else EARLY_STOP_TOP1)."""
+    early = copy.deepcopy(hparams)
+    early.extra["early_stop_top1"] = hparams.early_stop_top1 or EARLY_STOP_TOP1
+    return early
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def _edit_once(model, tok, batches: list[list[dict]], hparams: AlphaEditHyperParams, context_templates,
@@ -183,7 +218,7 @@ def _edit_once(model, tok, batches: list[list[dict]], hparams: AlphaEditHyperPar
             _, cache = apply_alphaedit_ref(model, tok, batch, hparams, context_templates, P, cache, timings=timings,
                                            peak_bytes=peaks)
     else:
-        path_hparams = copy.deepcopy(hparams)
+        path_hparams = _early_stop_hparams(hparams) if path == "fast-early-stop" else copy.deepcopy(hparams)
         if path == "fast-whole-rows":  # every z step runs whole rows, as before suffix-only steps
             path_hparams.extra["z_suffix_only"] = False
         editor = AlphaEditor(model, tok, path_hparams, projector=bases, context_templates=context_templates,

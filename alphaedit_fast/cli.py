@@ -72,8 +72,23 @@ def run_bench_model(args) -> None:
     from .pretrained import resolve_hparams
 
     hparams = resolve_hparams(hparams, model)  # None: the preset matching the model
+    bases = None
+    if args.projector:  # else a random null space of half the key width
+        from .arch import key_width
+        from .editor import AlphaEditor
+        from .pretrained import read_projector
+        from .validation import check_model
+
+        d_k = key_width(check_model(model, hparams)[0])
+        bases = AlphaEditor._bases(read_projector(args.projector, model, hparams), hparams.layers, d_k)
+    cases = None
+    if args.quality:
+        from .evaluation import load_cases
+
+        schema, records = load_cases(args.requests)
+        cases = (schema, records[: len(requests)])
     result = bench_user_model(model, tok, requests, hparams, name, _bench_paths(args, "fast"), args.repeats,
-                              args.batch_size, report=progress_line)
+                              args.batch_size, report=progress_line, bases=bases, cases=cases)
     where = "auto" if args.device_map else torch.device(result["device"]).type
     path = write_results(f"edit-{re.sub(r'[^A-Za-z0-9_.-]+', '--', name)}-{len(requests)}-{where}", result, args.out)
     print_edit_result(name, result, path)
@@ -100,6 +115,17 @@ def print_edit_result(label: str, result: dict, path: Path) -> None:
     if "suffix_only_speedup" in result:
         print(f"{label}   suffix-only z steps vs whole rows: "
               + ", ".join(f"{k} {v:.1f}x" for k, v in result["suffix_only_speedup"].items()))
+    for name, quality in result.get("quality", {}).items():
+        print(f"{label} {name:>9} rates: " + "; ".join(
+            f"{family} " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items() if v is not None)
+            for family, rates in quality.items()))
+    if "early_stop" in result:
+        early = result["early_stop"]
+        print(f"{label}   early stopping (early_stop_top1 {early['early_stop_top1']}) vs exact: "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in early["speedup"].items())
+              + ("; rates " + "; ".join(f"{family} " + ", ".join(f"{k} {v:+.3f}" for k, v in d.items() if v is not None)
+                                        for family, d in early["rate_difference"].items())
+                 if "rate_difference" in early else ""))
     print(f"  -> {path}")
 
 
@@ -470,8 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--edits", type=int, help="edits per run (default: 32 on shapes; with --model all the requests)")
     bench.add_argument("--batch-size", type=int, default=0, help="edits per batch within a run (default: all at once)")
     bench.add_argument("--repeats", type=int, default=3, help="runs per path; medians are reported")
+    bench.add_argument("--projector", help="with --model: a projector file, bases from `alphaedit-fast projector` or "
+                       "a dense P (default: a random null space of half the key width)")
+    bench.add_argument("--quality", action="store_true", help="with --model: also score each path's edits "
+                       "(--requests in CounterFact, ZsRE or EasyEdit form: the eval's rates)")
     bench.add_argument("--paths", help="comma-separated: reference (slow), fast, fast-whole-rows (z steps over whole "
-                       "rows); default reference,fast on shapes, fast with --model")
+                       "rows), fast-early-stop (ENCORE's early stopping, early_stop_top1: not the original's "
+                       "result); default reference,fast on shapes, fast with --model")
     bench.add_argument("--solve", action="store_true", help="also time one layer's solve at --solve-dk")
     bench.add_argument("--solve-dk", type=int, default=3072)
     bench.add_argument("--solve-edits", type=int, default=100)

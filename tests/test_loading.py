@@ -16,7 +16,7 @@ from alphaedit_fast.cli import main
 from alphaedit_fast.loading import load_model, resolve_dtype
 from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
 
-from .conftest import REQUESTS, test_hparams
+from .conftest import REQUESTS, forward_accumulation_length, test_hparams, tolerance
 
 REPO = Path(__file__).resolve().parents[1]
 EASYEDIT_REQUESTS = [{"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"]["str"]}
@@ -186,6 +186,42 @@ def test_bench_user_model_writes_phase_medians(fp16_dir, monkeypatch, capsys):
     assert main(["bench", "--model", str(fp16_dir / "model"), "--requests", str(fp16_dir / "requests.json"),
                  "--out", str(fp16_dir)]) == 2
     assert "no preset fits" in capsys.readouterr().err
+
+
+def test_bench_early_stop_path_reports_speedup_and_quality(fp16_dir, capsys):
+    """`bench --model --paths fast,fast-early-stop --quality --projector FILE`: both paths scored
+    after their edits; with a stop that never triggers, early stopping is the exact edit."""
+    from alphaedit_fast.evaluation import load_cases, score_cases, summarize
+
+    model, tok = load_model(fp16_dir / "model")
+    hparams = json.loads((fp16_dir / "hparams.json").read_text())
+    hparams.update(v_num_grad_steps=20, v_lr=0.5, clamp_norm_factor=10.0, L2=0.01)  # edits that show
+    (fp16_dir / "hparams.json").write_text(json.dumps(hparams))
+    requests = [{**r, "ground_truth": "nothing"} for r in EASYEDIT_REQUESTS]  # NLL comparisons: new vs true
+    (fp16_dir / "requests.json").write_text(json.dumps(requests))
+    bases = [torch.linalg.qr(torch.randn(160, 120, generator=torch.Generator().manual_seed(l)))[0] for l in (1, 2)]
+    torch.save(torch.stack([u @ u.T for u in bases]), fp16_dir / "P.pt")  # a dense P, as the original's
+    args = ["bench", "--model", str(fp16_dir / "model"), "--requests", str(fp16_dir / "requests.json"), "--hparams",
+            str(fp16_dir / "hparams.json"), "--projector", str(fp16_dir / "P.pt"), "--edits", "3",
+            "--repeats", "1", "--paths", "fast,fast-early-stop", "--quality", "--out", str(fp16_dir / "out")]
+    assert main(args) == 0
+    result = json.loads((fp16_dir / "out" / "edit-model-3-cpu.json").read_text())
+    assert result["null_dim"] == 120 and result["early_stop"]["early_stop_top1"] == 2
+    assert set(result["early_stop"]["speedup"]) == {"z", "total"}
+    schema, cases = load_cases(fp16_dir / "requests.json")
+    unedited = summarize(score_cases(model, tok, cases[:3], schema), schema)["margins"]["efficacy"]
+    edited = result["quality"]["fast"]["margins"]["efficacy"]
+    # scored after the edits, before the weights were restored: the mean margin moved (by 4.7e-3 on
+    # this tiny model) far beyond the rounding of a forward pass (NLLs ~7 times its relative tolerance)
+    noise = 7 * tolerance(torch.float32, forward_accumulation_length(model))[0]
+    assert edited - unedited > 10 * noise
+    assert "early stopping (early_stop_top1 2) vs exact" in capsys.readouterr().out
+    hparams["early_stop_top1"] = 10_000  # never reached: the same edit as the exact path
+    (fp16_dir / "hparams.json").write_text(json.dumps(hparams))
+    assert main(args) == 0
+    result = json.loads((fp16_dir / "out" / "edit-model-3-cpu.json").read_text())
+    assert result["quality"]["fast"] == result["quality"]["fast-early-stop"]
+    assert all(v in (0.0, None) for d in result["early_stop"]["rate_difference"].values() for v in d.values())
 
 
 def test_default_bench_out_lies_outside_the_source_tree(monkeypatch, tmp_path):
