@@ -158,6 +158,8 @@ def share_unedited(work: Path, source: str, target: str) -> bool:
               if meta["fingerprints"].get(k) != given["fingerprints"].get(k)]
     if differ or meta["threads"] != given["threads"] or ("pre" in ours and ours["pre"] != theirs["pre"]):
         raise SystemExit(f"{source} and {target} measure different unedited models or settings ({differ})")
+    for key, empty in (("seconds", {}), ("peak", {}), ("entropy", {}), ("first_batch", None)):
+        ours.setdefault(key, empty)  # a stream stopped right after it started has recorded nothing yet
     ours.update(pre=theirs["pre"], points=theirs["points"][:1], probes=theirs["probes"][:1],
                 entropy={"before": theirs["entropy"]["before"]} if "before" in theirs["entropy"] else {},
                 shared_unedited_from=source)
