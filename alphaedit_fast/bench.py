@@ -169,7 +169,8 @@ def time_edits(model, tok, requests: list[dict], hparams: AlphaEditHyperParams, 
 
                     schema, records = cases
                     scored = summarize(score_cases(model, tok, records, schema), schema)
-                    result.setdefault("quality", {})[path] = {k: scored[k] for k in ("nll_rates", "margins", "accuracy")}
+                    quality = {k: scored[k] for k in ("nll_rates", "margins", "accuracy")}
+                    result.setdefault("quality", {})[path] = quality
             runs.append(timings)
             if report:
                 report(f"{what}: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))

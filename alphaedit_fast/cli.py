@@ -225,9 +225,7 @@ def run_edit_command(args) -> None:
     hparams = _load_hparams(args.hparams)  # the files first: loading a large model takes minutes
     requests = load_requests(args.requests)
     size = args.batch_size or len(requests)
-    device, max_memory, writes = join_ranks(args.device, args.device_map)  # under torchrun: data-parallel
-    say = print if writes else _silent
-    wait_for_ranks("checking --out")  # every rank has seen the stream directory as it was before rank 0 writes
+    device, max_memory, writes, say = _join_ranks_after_checks(args)
     source = resolve_model_name(args.model)  # once: a GGUF is hashed, a hub host resolved
     model, tok = load_model(source, args.dtype, device, args.device_map, max_memory)
     save_dtype = DTYPES[args.save_dtype] if args.save_dtype != "auto" else checkpoint_dtype(source) or model.dtype
@@ -269,6 +267,14 @@ def run_edit_command(args) -> None:
         shutil.rmtree(checkpoints)
         print(f"{len(requests)} edits in {time.perf_counter() - start:.1f}s ({editor.num_edits} in total) -> {out}")
     leave_ranks()
+
+
+def _join_ranks_after_checks(args):
+    """Under torchrun (data-parallel `edit` / `eval`): join the ranks once each has checked --out as it
+    was before rank 0 writes there. Returns (device, max_memory, whether this rank writes, its print)."""
+    device, max_memory, writes = join_ranks(args.device, args.device_map)
+    wait_for_ranks("checking --out")
+    return device, max_memory, writes, print if writes else _silent
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -319,9 +325,7 @@ def run_eval_requests(args) -> None:
                                   "does not exist); run without --resume to start one")
     from .factworld import SHIPPED_MODEL
 
-    device, max_memory, writes = join_ranks(args.device, args.device_map)  # under torchrun: data-parallel
-    say = print if writes else _silent
-    wait_for_ranks("checking --out")  # every rank has seen --out as it was before rank 0 writes
+    device, max_memory, writes, say = _join_ranks_after_checks(args)
     model = args.model if args.model is not None else SHIPPED_MODEL
     say(f"{len(cases)} {schema} records from {args.requests}; loading {model}")
     editor = AlphaEditor.from_pretrained(
