@@ -43,7 +43,7 @@ def targets(metrics: dict, data_dir) -> list[dict]:
                  "bound": 0.95 * fluency["before"], "met": abs(fluency["after"] / fluency["before"] - 1) <= 0.05})
     rows.append({"target": "perplexity within 10%", "value": end["perplexity"], "unedited": start["perplexity"],
                  "bound": 1.1 * start["perplexity"], "met": end["perplexity"] <= 1.1 * start["perplexity"]})
-    for task, before in start["general"].items():
+    for task, before in start.get("general", {}).items():
         share = chance(data_dir, task, before["n"])
         counts = above_chance(before["accuracy_new"], before["n"], share)
         after = end["general"][task]["f1_new"]
@@ -96,8 +96,8 @@ def layer_growth(metrics: dict) -> list[dict]:
             for p in metrics["curve"]]
 
 
-def markdown(study: dict) -> str:
-    """The study's table: the unedited model and each method at the last measured point."""
+def markdown(study: dict, labels: dict[str, str] | None = None) -> str:
+    """The study's table: the unedited model and each method (named by `labels`) at the last measured point."""
     header = ("| | edits | efficacy | paraphrase | neighbourhood | fluency | perplexity | SST-2 f1_new | "
               "mean f1_new (6 tasks) | sum of ||W-W0|| |\n|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
@@ -105,7 +105,7 @@ def markdown(study: dict) -> str:
         curve, probes = metrics["curve"], metrics["probes"]
         if not rows:
             rows.append(_row("unedited", curve[0], probes[0]))
-        label = {"alphaedit": "AlphaEdit", "identity": "P = I"}[method]
+        label = (labels or {"alphaedit": "AlphaEdit", "identity": "P = I"}).get(method, method)
         partial = f" (running: {metrics['done']} edits done)" if metrics.get("partial") else ""
         rows.append(_row(label + partial, curve[-1], _at(probes, curve[-1])))
     return header + "\n".join(rows) + "\n"

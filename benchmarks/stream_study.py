@@ -29,7 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # stream_report
 SHARED = ROOT.parent / "shared" / "data"
-METHODS = {"alphaedit": "AlphaEdit", "identity": "P = I"}
+METHODS = {"alphaedit": "AlphaEdit", "identity": "P = I", "early": "AlphaEdit + early stopping",
+           "anchor": "AlphaEdit + norm anchor", "early+anchor": "AlphaEdit + both"}
+# the opt-in hyper-parameters of each variant (issue 32), on top of the model's preset
+OPT_INS = {"early": {"early_stop_top1": 2}, "anchor": {"norm_anchor": "auto"},
+           "early+anchor": {"early_stop_top1": 2, "norm_anchor": "auto"}}
 PROJECTOR_FILE = "projector.safetensors"  # the null-space bases at the preset's threshold, made once
 
 
@@ -107,7 +111,7 @@ def carry(work: Path, carried: Path, methods: list[str], into_work: bool) -> Non
                 tensors[name.removesuffix(".lower")] = cache
                 layer = int(name.split(".")[1])
                 bases[f"layer.{layer}.basis"] = (
-                    load_projector(work / PROJECTOR_FILE)[layer].float().contiguous() if method == "alphaedit"
+                    load_projector(work / PROJECTOR_FILE)[layer].float().contiguous() if method != "identity"
                     else torch.eye(r))
             stream.mkdir(parents=True, exist_ok=True)
             save_tensors(stream / PROJECTOR, bases, {"kind": PROJECTOR_KIND, "fingerprints": meta["fingerprints"]})
@@ -123,13 +127,27 @@ def run(cli_args: list[str]) -> None:
 
 def eval_arguments(args, files: dict[str, Path], method: str, out: Path) -> list[str]:
     """The `alphaedit-fast eval` arguments of `method`'s stream, its outputs in `out`."""
-    projector = ["--projector", str(files["projector"]) if method == "alphaedit" else "identity"]
-    return ["eval", "--model", args.model, "--requests", str(files["requests"]), *projector,
+    projector = ["--projector", "identity" if method == "identity" else str(files["projector"])]
+    hparams = ["--hparams", str(variant_hparams(args, method, out.parent))] if method in OPT_INS else []
+    general = ["--general", args.general, "--general-data", args.general_data] if args.general != "none" else []
+    return ["eval", "--model", args.model, "--requests", str(files["requests"]), *projector, *hparams,
             "--batch-size", str(args.batch_size), "--curve", "--curve-every", str(args.every),
-            "--fluency-records", str(args.fluency_records), "--general", args.general, "--general-data",
-            args.general_data, "--general-every", str(args.every), "--perplexity", str(files["heldout"]),
-            "--threads", str(args.threads), *(["--device", args.device] if args.device else []), "--out", str(out),
+            "--fluency-records", str(args.fluency_records), *general, "--general-every", str(args.every),
+            "--perplexity", str(files["heldout"]), "--threads", str(args.threads),
+            *(["--device", args.device] if args.device else []), "--out", str(out),
             *(["--resume"] if (out / "stream" / "stream-checkpoint.safetensors").exists() else [])]
+
+
+def variant_hparams(args, method: str, work: Path) -> Path:
+    """The hyper-parameters file of an opt-in variant: the model's preset with OPT_INS[method] (written once)."""
+    path = work / f"hparams-{method}.json"
+    if not path.exists():
+        from alphaedit_fast import AlphaEditHyperParams
+        from alphaedit_fast.loading import load_model, resolve_model_name
+
+        model, _ = load_model(resolve_model_name(args.model))
+        path.write_text(json.dumps({**AlphaEditHyperParams.for_model(model).to_dict(), **OPT_INS[method]}, indent=1))
+    return path
 
 
 def eval_method(args, files: dict[str, Path], method: str, work: Path) -> Path:
@@ -143,7 +161,7 @@ def share_unedited(work: Path, source: str, target: str) -> bool:
     """Give `target`'s stream, stopped before its first edit, the unedited model's measurements that
     `source`'s stream made (scores, fluency, the 0-edit point, the first probe): the same computation
     on the same model, records and threads, so it is done once. Refused unless both streams have the
-    same requests, model, hparams and settings (all but the projector) and the same unedited scores;
+    same requests, model and settings (all but the projector and hyper-parameters) and the same unedited scores;
     False when `source` has not finished them yet."""
     from alphaedit_fast.storage import load_tensors, save_tensors
     from alphaedit_fast.stream import CHECKPOINT, CHECKPOINT_KIND
@@ -154,7 +172,8 @@ def share_unedited(work: Path, source: str, target: str) -> bool:
     ours, theirs = meta["progress"], given["progress"]
     if not (theirs.get("points") and theirs.get("probes")) or meta["done"] or ours.get("points"):
         return False
-    differ = [k for k in {*meta["fingerprints"], *given["fingerprints"]} - {"projector"}
+    # neither the projector nor the hyper-parameters change anything measured before the first edit
+    differ = [k for k in {*meta["fingerprints"], *given["fingerprints"]} - {"projector", "hparams"}
               if meta["fingerprints"].get(k) != given["fingerprints"].get(k)]
     if differ or meta["threads"] != given["threads"] or ("pre" in ours and ours["pre"] != theirs["pre"]):
         raise SystemExit(f"{source} and {target} measure different unedited models or settings ({differ})")
@@ -293,7 +312,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--every", type=int, default=500, help="curve, fluency, general and perplexity every N edits")
     parser.add_argument("--fluency-records", type=int, default=100)
-    parser.add_argument("--general", default="all")
+    parser.add_argument("--general", default="all", help="glue_eval tasks, all, or none (e.g. for the fact world)")
     parser.add_argument("--general-data", default=str(SHARED / "glue-eval"))
     parser.add_argument("--corpus", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     parser.add_argument("--stats-tokens", type=int, default=60000)
@@ -355,7 +374,7 @@ def findings(study: dict, work: Path, args) -> None:
     scores per batch at the end and the failing records (stream_report), and the paper's claim."""
     import stream_report
 
-    study["table"] = stream_report.markdown(study) if study["runs"] else ""
+    study["table"] = stream_report.markdown(study, METHODS) if study["runs"] else ""
     study["findings"] = {}
     for method, metrics in study["runs"].items():
         found = study["findings"][method] = {"layer_growth": stream_report.layer_growth(metrics)}
@@ -365,8 +384,8 @@ def findings(study: dict, work: Path, args) -> None:
                          by_batch=stream_report.by_batch(cases, args.batch_size),
                          failures=stream_report.failures(cases))
     runs = study["runs"]
-    if all(m in runs and not runs[m].get("partial") for m in METHODS):
-        a, i = (runs[m] for m in METHODS)
+    if all(m in runs and not runs[m].get("partial") for m in ("alphaedit", "identity")):
+        a, i = runs["alphaedit"], runs["identity"]
 
         def general(metrics):
             return stream_report.mean(t["f1_new"] for t in metrics["probes"][-1]["general"].values())
