@@ -60,6 +60,28 @@ def test_counterfact_requests_one_per_subject_with_clean_neighbours():
         world.counterfact_requests(61)
 
 
+def test_stream_requests_edit_every_fact_but_one_per_subject():
+    world = build_world(0, 500)  # the shipped world's size
+    records = world.stream_requests(seed=1)
+    assert records == world.stream_requests(seed=1) and records != world.stream_requests(seed=2)
+    assert len(records) == 500 * (len(world.relations) - 1) == 3500
+    edited = [(r["requested_rewrite"]["subject"], r["relation"]) for r in records]
+    assert len(set(edited)) == len(edited)
+    assert all(sum(s == subject for s, _ in edited) == len(world.relations) - 1 for subject in world.subjects)
+    assert sum(bool(r["neighborhood_prompts"]) for r in records) > 0.95 * len(records)
+    edited, subject_of = set(edited), {}
+    for rel, spec in world.relations.items():
+        subject_of.update({(spec["templates"][0].format(s), rel): s for s in world.subjects})
+    for rec in records:
+        rw, rel = rec["requested_rewrite"], rec["relation"]
+        assert rw["target_true"]["str"] == world.facts[(rw["subject"], rel)] != rw["target_new"]["str"]
+        assert rec["paraphrase_prompts"] == world.prompts(rw["subject"], rel, held_out=True)
+        for prompt in rec["neighborhood_prompts"]:  # a kept fact of another subject, with the same true object
+            other = subject_of[(prompt, rel)]
+            assert other != rw["subject"] and (other, rel) not in edited
+            assert world.facts[(other, rel)] == rw["target_true"]["str"]
+
+
 @pytest.fixture(scope="module")
 def shipped():
     return load_shipped()

@@ -1,5 +1,6 @@
 """python -m alphaedit_fast.factworld build --out DIR [--seed 0 ...]   # world + tokenizer + model
 python -m alphaedit_fast.factworld requests --edits N --out FILE        # CounterFact records of a world
+python -m alphaedit_fast.factworld requests --stream --out FILE         # every fact but one per subject
 python -m alphaedit_fast.factworld corpus --out FILE                    # its training text, one per line"""
 
 import argparse
@@ -35,6 +36,8 @@ def main(argv=None):
         p.add_argument("--out", required=True)
         p.add_argument("--seed", type=int, default=0)
     r.add_argument("--edits", type=int, default=20)
+    r.add_argument("--stream", action="store_true", help="every fact but one relation per subject (3,500 edits "
+                   "of the shipped world) in a seeded order, instead of --edits, one per subject")
     c.add_argument("--lines", type=int, default=3000)
     a = ap.parse_args(argv)
     return run_reporting_errors(ap.prog, a.debug, lambda: run(a))
@@ -58,7 +61,8 @@ def write_data(args) -> None:
 
     world = load_world(args.model)
     if args.cmd == "requests":
-        text = json.dumps(world.counterfact_requests(args.edits, args.seed), indent=1)
+        records = world.stream_requests(args.seed) if args.stream else world.counterfact_requests(args.edits, args.seed)
+        text = json.dumps(records, indent=1)
     else:
         text = "\n".join(training_texts(world, args.seed)[:args.lines]) + "\n"
     Path(args.out).write_text(text)

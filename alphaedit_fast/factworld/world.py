@@ -133,6 +133,33 @@ class World:
             })
         return records
 
+    def stream_requests(self, seed: int = 0, n_neighbours: int = 5) -> list[dict]:
+        """Counterfactual edits of every fact but one per subject, in a seeded order, as CounterFact
+        records (each with `relation`): a stream as long as the world allows (3,500 edits for 500
+        subjects x 8 relations) that still leaves unedited facts to measure specificity on. Each
+        subject keeps one relation, drawn with `seed`; an edit's neighbourhood prompts are kept
+        facts of other subjects with the same relation and true object. Paraphrase prompts are the
+        relation's held-out phrasings (trained for half the facts: see `held_out_facts`)."""
+        rng = random.Random(f"stream-{seed}")
+        relations = list(self.relations)
+        kept = {s: rng.choice(relations) for s in self.subjects}
+        edits = [(s, r) for s in self.subjects for r in relations if r != kept[s]]
+        rng.shuffle(edits)
+        records = []
+        for s, r in edits:
+            obj = self.facts[(s, r)]
+            others = [o for o in self.subjects if o != s and kept[o] == r and self.facts[(o, r)] == obj]
+            random.Random(f"{seed}-{s}-{r}").shuffle(others)
+            template = self.relations[r]["templates"][0]
+            records.append({
+                "case_id": len(records), "relation": r,
+                "requested_rewrite": {"prompt": template, "subject": s,
+                                      "target_new": {"str": self.counterfactual(s, r, seed)},
+                                      "target_true": {"str": obj}},
+                "paraphrase_prompts": self.prompts(s, r, held_out=True),
+                "neighborhood_prompts": [template.format(o) for o in others[:n_neighbours]]})
+        return records
+
 
 def make_names(n: int, rng: random.Random, n_first: int = 40) -> list[str]:
     """`n` two-word names: first names from a pool of `n_first` shared ones, last names unique
