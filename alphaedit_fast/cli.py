@@ -12,7 +12,7 @@ from .bench import SHAPES
 from .errors import InvalidArgumentError, ModelFileError, run_reporting_errors
 from .loading import DTYPES, add_model_arguments, checkpoint_dtype, default_device, load_model, resolve_model_name
 from .sharding import join_ranks, leave_ranks, wait_for_ranks
-from .timing import edit_progress, progress_line
+from .timing import edit_progress, progress_line, silent
 from .tiny import FAMILY_CONFIGS
 
 
@@ -274,11 +274,7 @@ def _join_ranks_after_checks(args):
     was before rank 0 writes there. Returns (device, max_memory, whether this rank writes, its print)."""
     device, max_memory, writes = join_ranks(args.device, args.device_map)
     wait_for_ranks("checking --out")
-    return device, max_memory, writes, print if writes else _silent
-
-
-def _silent(*_args, **_kwargs) -> None:
-    pass
+    return device, max_memory, writes, print if writes else silent
 
 
 def _add_seconds(total: dict[str, float], seconds: dict[str, float]) -> dict[str, float]:

@@ -414,12 +414,12 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
     """
     from .sharding import current_shard
     from .stream import EditStream, bases_fingerprint, weight_changes
-    from .timing import Phases, edit_progress
+    from .timing import Phases, edit_progress, silent
 
     shard = current_shard(editor.distributed)
     writes = shard is None or shard.rank == 0
     if not writes:
-        log = _silent
+        log = silent
     n = len(cases)
     requests = [edit_request(c) for c in cases]
     curve_every = curve_every or batch_size
@@ -455,19 +455,17 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
     rewrite_prompts = [c["requested_rewrite"]["prompt"].format(c["requested_rewrite"]["subject"]) for c in cases]
     fluency_sample = rewrite_prompts[:fluency_records] if fluency and fluency_records else []
 
-    def score(some_cases: Sequence[dict]) -> list[dict]:  # each rank scores its slice (sharding)
-        if shard is None:
-            return score_cases(model, tok, some_cases, schema, batch_tokens)
-        mine = shard.local(some_cases)
-        scores = score_cases(model, tok, mine, schema, batch_tokens) if mine else []
-        return [s for part in shard.gather_objects(scores, "scores of the cases") for s in part]
+    def score(some_cases: Sequence[dict]) -> list[dict]:  # with ranks, each scores its slice
+        def compute(part):
+            return score_cases(model, tok, part, schema, batch_tokens)
 
-    def fluency_of(prompts: Sequence[str]) -> float:  # `generation_entropy`, each rank generating its slice
-        if shard is None:
-            return _mean(generation_entropies(model, tok, prompts, generation_length))
-        mine = shard.local(prompts)
-        entropies = generation_entropies(model, tok, mine, generation_length) if mine else []
-        return _mean(e for part in shard.gather_objects(entropies, "fluency of the generations") for e in part)
+        return compute(some_cases) if shard is None else shard.map_slices(compute, some_cases, "scores of the cases")
+
+    def fluency_of(prompts: Sequence[str]) -> float:  # `generation_entropy`; with ranks, each generates its slice
+        def compute(part):
+            return generation_entropies(model, tok, part, generation_length)
+
+        return _mean(compute(prompts) if shard is None else shard.map_slices(compute, prompts, "fluency"))
 
     def point(n_edits: int, results: list[dict]) -> dict:
         rates = summarize(results, schema)
@@ -568,10 +566,6 @@ def evaluate_edits(editor, cases: Sequence[dict], schema: str, batch_size: int, 
                 "post": with_rates(post[i]), **({"pre": with_rates(pre[i])} if before else {})}
                for i, c in enumerate(cases)]
     return metrics, records
-
-
-def _silent(_message: str) -> None:
-    pass
 
 
 def _brief(value) -> str:

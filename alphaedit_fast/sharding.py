@@ -89,6 +89,12 @@ class Shard:
             tensor.copy_(buffer)
         return tensor
 
+    def map_slices(self, compute, items: Sequence, what: str) -> list:
+        """`compute(slice) -> list` (one entry per item) on this rank's slice of `items`, every
+        rank's results gathered in item order."""
+        mine = self.local(items)
+        return [x for part in self.gather_objects(compute(mine) if mine else [], what) for x in part]
+
     def gather_objects(self, value, what: str) -> list:
         """Every rank's `value` (picklable), in rank order."""
         import torch.distributed as dist

@@ -62,6 +62,10 @@ def progress_line(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def silent(*_args, **_kwargs) -> None:
+    """A `print` that prints nothing (the ranks of a data-parallel run but rank 0)."""
+
+
 def edit_progress(total: int, done: int = 0, desc: str = "edits", disable: bool = False):
     """A progress bar of edits on stderr: edits done, edits per second and the time left
     (counted from `done`, where a resumed stream starts); `disable`: none (a rank but rank 0)."""
