@@ -101,6 +101,7 @@ def carry(work: Path, carried: Path, methods: list[str], into_work: bool) -> Non
         elif into_work and kept.exists() and not (stream / CHECKPOINT).exists():
             compact, meta = load_tensors(kept, CHECKPOINT_KIND)
             tensors = {k: v for k, v in compact.items() if not k.endswith(".lower")}
+            projector = load_projector(work / PROJECTOR_FILE) if method != "identity" else None
             bases = {}
             for name in (k for k in compact if k.endswith(".cache_proj.lower")):
                 r = int((math.isqrt(8 * compact[name].numel() + 1) - 1) // 2)
@@ -110,9 +111,8 @@ def carry(work: Path, carried: Path, methods: list[str], into_work: bool) -> Non
                 cache[cols, rows] = compact[name]
                 tensors[name.removesuffix(".lower")] = cache
                 layer = int(name.split(".")[1])
-                bases[f"layer.{layer}.basis"] = (
-                    load_projector(work / PROJECTOR_FILE)[layer].float().contiguous() if method != "identity"
-                    else torch.eye(r))
+                bases[f"layer.{layer}.basis"] = (projector[layer].float().contiguous() if projector is not None
+                                                 else torch.eye(r))
             stream.mkdir(parents=True, exist_ok=True)
             save_tensors(stream / PROJECTOR, bases, {"kind": PROJECTOR_KIND, "fingerprints": meta["fingerprints"]})
             save_tensors(stream / CHECKPOINT, tensors, meta)

@@ -22,6 +22,7 @@ from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
 from .conftest import CONTEXT_TEMPLATES, edit_rtol, forward_accumulation_length, test_hparams, tolerance
 from .test_editor import BATCHES, key_covariance_bases
 from .test_engine import rewrite_weights
+from .test_stream import REQUESTS, edit_arguments, write_cli_inputs
 
 
 def test_bounds_are_contiguous_and_cover_every_request():
@@ -152,25 +153,12 @@ def test_a_rank_that_dies_or_hangs_stops_the_others_with_its_name(tmp_path, faul
 @pytest.fixture(scope="module")
 def torchrun_setup(tmp_path_factory):
     """A tiny GPT-2, its hparams and 6 requests on disk, and the single-process edit in batches of 2."""
-    from .test_stream import DRIVER, REQUESTS
-
     root = tmp_path_factory.mktemp("torchrun")
-    model, tok = tiny_model("gpt2"), tiny_tokenizer_for("gpt2")
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    hparams = test_hparams(model, v_num_grad_steps=6)
-    (root / "hparams.json").write_text(json.dumps(hparams.to_dict()))
-    (root / "requests.json").write_text(json.dumps(REQUESTS[:6]))
-    (root / "driver.py").write_text(DRIVER)
-    single = launch(root, 1, ["edit", *edit_args(root, "single")])
+    model, tok, hparams = write_cli_inputs(root)
+    single = launch(root, 1, edit_arguments(root, "single"))
     assert single.returncode == 0, single.stderr[-3000:]
     rtol = edit_rtol(model, tok, REQUESTS[:6], hparams)
     return root, rtol
-
-
-def edit_args(root, out):
-    return ["--model", str(root / "model"), "--requests", str(root / "requests.json"), "--hparams",
-            str(root / "hparams.json"), "--batch-size", "2", "--out", str(root / out)]
 
 
 def launch(root, ranks: int, args: list[str], **env):
@@ -203,7 +191,7 @@ def assert_single_process_edit(root, out, rtol):
 
 def test_torchrun_edit_gives_the_single_process_edit(torchrun_setup):
     root, rtol = torchrun_setup
-    result = launch(root, 2, ["edit", *edit_args(root, "two")])
+    result = launch(root, 2, edit_arguments(root, "two"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("6 edits in") == 1  # rank 0 alone reports and writes
     assert_single_process_edit(root, "two", rtol)
@@ -213,11 +201,11 @@ def test_torchrun_rank_killed_then_resumed_with_other_rank_counts(torchrun_setup
     """Rank 1 is killed after the first batch's checkpoint: the job stops naming it; --resume on 3
     ranks continues and ends at the single-process edit."""
     root, rtol = torchrun_setup
-    killed = launch(root, 2, ["edit", *edit_args(root, "killed")], KILL="after-save:2", KILL_RANKS="1")
+    killed = launch(root, 2, edit_arguments(root, "killed"), KILL="after-save:2", KILL_RANKS="1")
     assert killed.returncode != 0
     assert "rank" in killed.stderr and ("1 (local_rank: 1)" in killed.stderr or "Ranks 1 failed" in killed.stderr)
     assert (root / "killed.stream" / "stream-checkpoint.safetensors").exists() and not (root / "killed").exists()
-    resumed = launch(root, 3, ["edit", *edit_args(root, "killed"), "--resume"])
+    resumed = launch(root, 3, [*edit_arguments(root, "killed"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after 2 of 6 edits" in resumed.stdout
     assert_single_process_edit(root, "killed", rtol)

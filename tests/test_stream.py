@@ -159,9 +159,9 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def cli_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stream-cli")
+def write_cli_inputs(root: Path):
+    """A tiny GPT-2 and its tokenizer (root/model), hparams of 6 z steps, the first 6 REQUESTS, the
+    context templates and DRIVER in `root`; returns (model, tok, hparams)."""
     model, tok = tiny_model("gpt2"), tiny_tokenizer_for("gpt2")
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
@@ -170,6 +170,19 @@ def cli_setup(tmp_path_factory):
     (root / "requests.json").write_text(json.dumps(REQUESTS[:6]))
     (root / "templates.json").write_text(json.dumps(CONTEXT_TEMPLATES))
     (root / "driver.py").write_text(DRIVER)
+    return model, tok, hparams
+
+
+def edit_arguments(root: Path, out: str) -> list[str]:
+    """`edit` of write_cli_inputs' files in batches of 2 into root/out."""
+    return ["edit", "--model", str(root / "model"), "--requests", str(root / "requests.json"), "--hparams",
+            str(root / "hparams.json"), "--batch-size", "2", "--out", str(root / out)]
+
+
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream-cli")
+    write_cli_inputs(root)
     reference = run_edit(root, "reference")
     assert reference.returncode == 0, reference.stderr
     return root
@@ -178,9 +191,7 @@ def cli_setup(tmp_path_factory):
 def run_edit(root: Path, out: str, kill: str = "", resume: bool = False, timeout: float = 300, wait: bool = True):
     env = {**os.environ, "KILL": kill, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(root / "cache"),
            "PYTHONWARNINGS": "ignore"}
-    args = [sys.executable, str(root / "driver.py"), "edit", "--model", str(root / "model"), "--requests",
-            str(root / "requests.json"), "--hparams", str(root / "hparams.json"), "--batch-size", "2",
-            "--out", str(root / out), *(["--resume"] if resume else [])]
+    args = [sys.executable, str(root / "driver.py"), *edit_arguments(root, out), *(["--resume"] if resume else [])]
     # the context templates: the model's generated ones are the same in every process (seeded, cached)
     if not wait:
         return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
