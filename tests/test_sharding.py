@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from alphaedit_fast import AlphaEditor, apply_AlphaEdit_to_model
+from alphaedit_fast.reference import apply_alphaedit_ref
 from alphaedit_fast.sharding import Shard
 from alphaedit_fast.tiny import tiny_model, tiny_tokenizer_for
 
@@ -123,6 +124,14 @@ def test_ranks_give_one_process_edit(tmp_path, family, world, api):
         assert (single - b).norm() > 0
         assert ((ranked - single).norm() / (single - b).norm()).item() < rtol
     assert ((results[0]["cache"] - cache).norm() / cache.norm()).item() < rtol
+    # and the oracle: the reference's sequential edit of the same batches from the same weights
+    ref_model = tiny_model(family)
+    P = torch.stack([u @ u.T for u in key_covariance_bases(hparams)])
+    ref_cache = torch.zeros_like(P)
+    for batch in BATCHES:
+        _, ref_cache = apply_alphaedit_ref(ref_model, tok, batch, hparams, CONTEXT_TEMPLATES, P, ref_cache)
+    for ranked, expected, b in zip(results[0]["weights"], rewrite_weights(ref_model, hparams), before):
+        assert ((ranked - expected).norm() / (expected - b).norm()).item() < rtol
 
 
 @pytest.mark.parametrize("fault, what", [("requests", "requests"), ("model", "models")])
